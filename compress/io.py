@@ -1,0 +1,254 @@
+"""Model input and output: every format a user brings, loaded without running untrusted code.
+
+Formats (detected from the file, not its name):
+  state dict      torch.save'd tensors (optionally under 'state_dict'/'model', 'module.' prefixes ok) + --arch
+  compress model  this toolchain's own saved model (arch + structure edits + state dict): reloadable by every verb
+  .pt2            a torch.export program
+  TorchScript     torch.jit.save archive (export / profile / eval only: no modules left to compress)
+  pickle          a whole pickled nn.Module: refused unless trust_pickle, because unpickling runs code
+"""
+from __future__ import annotations
+
+import importlib
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from compress.errors import UserError
+from compress.fileio import atomic_path, sha256_file
+from compress.structure import conform_to_state_dict, replay
+from compress.zoo import ARCHS, CIFAR_MEAN, CIFAR_STD
+
+FORMAT = "compress.model/1"
+
+
+@dataclass
+class InputSpec:
+    """One input tensor: shape without the batch dimension, and the normalization the model expects."""
+
+    shape: tuple[int, ...] = (3, 32, 32)
+    mean: tuple[float, ...] = CIFAR_MEAN
+    std: tuple[float, ...] = CIFAR_STD
+    name: str = "input"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputSpec":
+        return cls(tuple(d["shape"]), tuple(d["mean"]), tuple(d["std"]), d.get("name", "input"))
+
+    def example(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
+        return torch.randn((batch, *self.shape), generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    spec: InputSpec
+    kind: str                      # state_dict | compress | export | torchscript | pickle | zoo
+    source: str
+    arch: str | None = None
+    arch_kwargs: dict = field(default_factory=dict)
+    edits: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # stages applied so far, with their metrics
+    sha256: str | None = None
+
+    @property
+    def compressible(self) -> bool:
+        return self.kind in ("state_dict", "compress", "pickle", "zoo")
+
+    def require_compressible(self, verb: str) -> None:
+        if not self.compressible:
+            raise UserError(f"{self.source} is a {self.kind} file: `{verb}` needs an nn.Module with its "
+                            f"architecture (a state dict with --arch, or a model saved by this toolchain)")
+
+
+def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, InputSpec]:
+    """A zoo name, or `package.module:factory` (imports that module: code the user named explicitly)."""
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if ":" in arch:
+        mod_name, _, fn_name = arch.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise UserError(f"cannot import architecture {arch!r}: {e}") from None
+        return factory(**kwargs), InputSpec()
+    entry = ARCHS.get(arch)
+    return entry.factory(**kwargs), InputSpec(entry.input_shape, entry.mean, entry.std)
+
+
+def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = False,
+               input_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> LoadedModel:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model file not found: {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a model file")
+    digest = sha256_file(path)
+    kind = _sniff(path)
+    if kind == "export":
+        lm = _load_export(path)
+    elif kind == "torchscript":
+        lm = _load_torchscript(path, input_shape)
+    else:
+        obj = _torch_load_safe(path, trust_pickle)
+        if isinstance(obj, nn.Module):
+            lm = LoadedModel(obj, InputSpec(), "pickle", str(path))
+        elif isinstance(obj, dict) and obj.get("format") == FORMAT:
+            lm = _from_saved(obj, str(path))
+        elif isinstance(obj, dict):
+            lm = _from_state_dict(obj, str(path), arch, num_classes)
+        else:
+            raise UserError(f"{path}: holds a {type(obj).__name__}, not a model or state dict")
+    if input_shape is not None:
+        lm.spec.shape = tuple(input_shape)
+    lm.sha256 = digest
+    lm.model.eval()
+    return lm
+
+
+def _sniff(path: Path) -> str:
+    if not zipfile.is_zipfile(path):
+        return "torch"
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except zipfile.BadZipFile as e:
+        raise UserError(f"{path}: corrupt archive ({e})") from None
+    if any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json") for n in names):
+        return "export"
+    if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
+        return "torchscript"
+    return "torch"
+
+
+def _torch_load_safe(path: Path, trust_pickle: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e) or "truncated" in str(e).lower():
+            raise UserError(f"{path}: corrupt or truncated model file") from None
+        if not trust_pickle:
+            raise UserError(f"{path} is a pickled Python object (e.g. a whole nn.Module); loading it would run code "
+                            f"from the file. Save model.state_dict() instead, or pass --trust-pickle if you trust its source") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: corrupt or truncated model file ({str(e).splitlines()[0][:120]})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - the user opted into running the file's code; report what broke
+        raise UserError(f"{path}: unpickling failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+def _unwrap_state_dict(obj: dict) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise UserError("the file holds no tensors: not a state dict")
+    return state
+
+
+def _structural_keys(model: nn.Module) -> set[str]:
+    keys = set()
+    for prefix, m in model.named_modules():
+        for b in getattr(m, "structural_buffers", ()):
+            keys.add(f"{prefix}.{b}" if prefix else b)
+    return keys
+
+
+def _from_state_dict(obj: dict, source: str, arch: str | None, num_classes: int | None) -> LoadedModel:
+    if arch is None:
+        raise UserError(f"{source} is a state dict: say which architecture it belongs to with --arch "
+                        f"(one of {', '.join(ARCHS.names())}, or package.module:factory)")
+    state = _unwrap_state_dict(obj)
+    if num_classes is None:
+        linear_w = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+        num_classes = linear_w[-1].shape[0] if linear_w else None
+    model, spec = build_arch(arch, num_classes)
+    expected = model.state_dict()
+    # buffers an older or foreign checkpoint may lack without losing anything: taken from the fresh model
+    structural = _structural_keys(model) | {k for k in expected if k.endswith("num_batches_tracked")}
+    missing = [k for k in expected if k not in state and k not in structural]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if keys:
+                parts.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+        raise UserError(f"{source} does not match --arch {arch}: " + "; ".join(parts))
+    model.load_state_dict({**{k: expected[k] for k in structural}, **state}, strict=True)
+    return LoadedModel(model, spec, "state_dict", source, arch=arch,
+                       arch_kwargs={} if num_classes is None else {"num_classes": num_classes})
+
+
+def _from_saved(obj: dict, source: str) -> LoadedModel:
+    try:
+        arch, kwargs, edits, state = obj["arch"], obj.get("arch_kwargs", {}), obj.get("edits", []), obj["state_dict"]
+        spec = InputSpec.from_dict(obj["input_spec"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{source}: damaged compress model file (missing {e})") from None
+    model, _ = build_arch(arch, kwargs.get("num_classes"))
+    model = replay(model, edits)
+    conform_to_state_dict(model, state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{source}: weights do not fit the recorded structure ({str(e).splitlines()[0][:160]})") from None
+    return LoadedModel(model, spec, "compress", source, arch, dict(kwargs), list(edits), list(obj.get("history", [])))
+
+
+def _load_export(path: Path) -> LoadedModel:
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad file
+        raise UserError(f"{path}: cannot load torch.export program ({type(e).__name__})") from None
+    args = ep.example_inputs[0] if ep.example_inputs else ()
+    shape = tuple(args[0].shape[1:]) if args else (3, 32, 32)
+    return LoadedModel(ep.module(), InputSpec(shape), "export", str(path))
+
+
+def _load_torchscript(path: Path, input_shape: tuple[int, ...] | None) -> LoadedModel:
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: cannot load TorchScript archive ({type(e).__name__})") from None
+    return LoadedModel(module, InputSpec(tuple(input_shape) if input_shape else (3, 32, 32)), "torchscript", str(path))
+
+
+def save_model(lm: LoadedModel, path: str | Path) -> Path:
+    """Save in the toolchain's own format (tensors and plain data only: reloads with weights_only=True)."""
+    path = Path(path)
+    if lm.kind == "pickle" or lm.arch is None:
+        raise UserError("this model came from a pickled module with no known architecture; "
+                        "load it from a state dict with --arch to save a compressed copy")
+    payload = {
+        "format": FORMAT,
+        "arch": lm.arch,
+        "arch_kwargs": lm.arch_kwargs,
+        "edits": lm.edits,
+        "input_spec": lm.spec.to_dict(),
+        "history": lm.history,
+        "state_dict": {k: v.detach().clone() for k, v in lm.model.state_dict().items()},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def zoo_model(arch: str, pretrained: bool = True) -> LoadedModel:
+    """A zoo model, with its real checkpoint from the shared assets when one exists."""
+    from compress.assets import model_path
+
+    entry = ARCHS.get(arch)
+    if pretrained and entry.checkpoint:
+        return load_model(model_path(entry.checkpoint), arch=arch)
+    model, spec = build_arch(arch)
+    return LoadedModel(model.eval(), spec, "zoo", f"zoo:{arch}", arch=arch)

@@ -1,0 +1,59 @@
+"""What a compressed model is measured by: parameters, FLOPs, size on disk, top-1 accuracy."""
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from compress.data import Dataset, Normalizer, batches
+from compress.progress import track
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters plus learnable-looking buffers excluded: what a user means by 'model size in params'."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass at batch 1 (torch's FlopCounterMode: 2 x multiply-accumulates)."""
+    x = torch.zeros(1, *input_shape)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
+
+
+@torch.no_grad()
+def predict(forward: Callable[[torch.Tensor], torch.Tensor], ds: Dataset, norm: Normalizer,
+            batch_size: int = 256, description: str = "evaluate") -> np.ndarray:
+    """Logits for every image of `ds`, through any callable (a torch module or a runtime session)."""
+    outs = []
+    steps = (len(ds) + batch_size - 1) // batch_size
+    for x, _ in track(batches(ds, norm, batch_size), description, total=steps):
+        outs.append(np.asarray(forward(x)))
+    return np.concatenate(outs)
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean() * 100.0)
+
+
+def evaluate(model: nn.Module, ds: Dataset, norm: Normalizer, batch_size: int = 256) -> float:
+    """Top-1 accuracy in percent of a torch model on a labeled dataset."""
+    if ds.labels is None:
+        from compress.errors import UserError
+        raise UserError(f"{ds.source} has no labels ('y'): accuracy needs labeled data")
+    model.eval()
+    return top1(predict(lambda x: model(x).numpy(), ds, norm, batch_size), ds.labels)

@@ -1,0 +1,5 @@
+"""Structured (channel) pruning: methods register here; compress/prune/engine.py removes the channels."""
+from compress.registry import Registry
+from compress.stages import Method
+
+METHODS: Registry[Method] = Registry("pruning method")

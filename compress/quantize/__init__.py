@@ -1,0 +1,5 @@
+"""Quantization: methods register here; compress/quantize/fakequant.py holds the shared quantizer modules."""
+from compress.registry import Registry
+from compress.stages import Method
+
+METHODS: Registry[Method] = Registry("quantization method")
