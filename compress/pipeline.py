@@ -1,0 +1,303 @@
+"""The staged pipeline: load -> [prune / quantize / lowrank ...] -> export -> profile, and its manifest.
+
+Every CLI verb is a one-stage recipe run by this engine. A compression stage turns the current model
+into a new named variant (saved as `<name>.pt`); export turns variants into artifacts (checked for parity);
+profile measures artifacts on a device. The run ends with one table and `manifest.json`.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress import __version__
+from compress.data import Dataset, load_dataset
+from compress.errors import UserError
+from compress.fileio import atomic_path, ensure_writable_dir, sha256_file
+from compress.io import LoadedModel, load_model, save_model
+from compress.metrics import count_flops, count_params, evaluate, predict, state_dict_bytes, top1
+from compress.progress import log
+from compress.recipe import Recipe
+from compress.stages import Context, build_config
+
+DEFAULT_NAMES = {"prune": "pruned", "quantize": "quantized", "lowrank": "lowrank"}
+STAGE_KEYS = {"stage", "method", "name", "output"}  # stage keys that are not method options
+
+
+def families() -> dict[str, Any]:
+    from compress.lowrank import METHODS as LOWRANK
+    from compress.prune import METHODS as PRUNE
+    from compress.quantize import METHODS as QUANTIZE
+
+    return {"prune": PRUNE, "quantize": QUANTIZE, "lowrank": LOWRANK}
+
+
+@dataclass
+class Variant:
+    name: str
+    lm: LoadedModel
+    metrics: dict = field(default_factory=dict)
+    path: str | None = None
+
+
+@dataclass
+class RunResult:
+    variants: dict[str, Variant] = field(default_factory=dict)
+    artifacts: list[dict] = field(default_factory=list)
+    profiles: list[dict] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)
+    manifest_path: str | None = None
+
+    @property
+    def current(self) -> Variant:
+        return list(self.variants.values())[-1]
+
+    def rows(self, eval_names: list[str]) -> list[dict]:
+        """One row per artifact (or per variant when nothing was exported), for the table and the manifest."""
+        rows = []
+        exported = {a["variant"] for a in self.artifacts}
+        for v in self.variants.values():
+            if v.name not in exported:
+                rows.append({"model": v.name, "format": "torch", "precision": v.metrics.get("precision", "fp32"),
+                             "accuracy": v.metrics.get("accuracy", {}), "params": v.metrics.get("params"),
+                             "flops": v.metrics.get("flops"), "size_bytes": v.metrics.get("size_bytes")})
+        for a in self.artifacts:
+            v = self.variants[a["variant"]]
+            prof = next((p for p in self.profiles if p["artifact"] == a["path"]), None)
+            lat = (prof or {}).get("latency_ms", {})
+            rows.append({"model": a["variant"], "format": a["format"], "precision": a["precision"],
+                         "accuracy": a.get("accuracy", {}), "params": v.metrics.get("params"),
+                         "flops": v.metrics.get("flops"), "size_bytes": a["size_bytes"],
+                         "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"),
+                         "peak_rss_mb": (prof or {}).get("memory", {}).get("peak_rss_mb")})
+        return rows
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe, out_dir: Path | None, write_manifest: bool = True,
+                 manifest_name: str = "manifest.json"):
+        self.manifest_name = manifest_name
+        self.recipe = recipe
+        self.out_dir = ensure_writable_dir(Path(out_dir)) if out_dir is not None else None
+        self.write_manifest = write_manifest and self.out_dir is not None
+        self.result = RunResult()
+        self.ctx: Context | None = None
+        self.eval_sets: dict[str, Dataset] = {}
+        self.started = datetime.now(timezone.utc)
+
+    # ---- set-up --------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        """Check every stage's method and options before any work starts: a typo fails in a second."""
+        fams = families()
+        for s in self.recipe.stages:
+            if s["stage"] in fams:
+                if "method" not in s:
+                    raise UserError(f"stage {s['stage']}: needs `method:` (one of {', '.join(fams[s['stage']].names())})")
+                method = fams[s["stage"]].get(s["method"])
+                build_config(method, {k: v for k, v in s.items() if k not in STAGE_KEYS})
+            elif s["stage"] == "export":
+                from exporters import EXPORTERS
+
+                for f in s.get("formats", ["onnx"]):
+                    EXPORTERS.get(f)
+
+    def _load(self) -> None:
+        r = self.recipe
+        lm = load_model(r.model, arch=r.arch, trust_pickle=r.trust_pickle,
+                        input_shape=tuple(r.input_shape) if r.input_shape else None)
+        torch.manual_seed(r.seed)
+        self.ctx = Context(spec=lm.spec, data={k: v for k, v in r.data.items() if k != "eval"}, seed=r.seed,
+                           out_dir=self.out_dir)
+        for spec in r.data.get("eval") or []:
+            ds = load_dataset(spec, lm.spec.shape, r.seed)
+            if ds.labels is None:
+                raise UserError(f"eval data {spec} has no labels ('y')")
+            self.eval_sets[Path(ds.source).stem] = ds
+        self.result.variants["original"] = Variant("original", lm, self._model_metrics(lm, "original"),
+                                                   path=lm.source)
+
+    # ---- stages ------------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        self._validate()
+        self._load()
+        for i, stage in enumerate(self.recipe.stages):
+            t0 = time.perf_counter()
+            kind = stage["stage"]
+            record = getattr(self, f"_stage_{kind}")(stage) or {}
+            record = {"index": i, "stage": kind, **record, "seconds": round(time.perf_counter() - t0, 2)}
+            self.result.stages.append(record)
+        if self.write_manifest:
+            self.result.manifest_path = str(self._write_manifest())
+        return self.result
+
+    def _stage_eval(self, stage: dict) -> dict:
+        v = self.result.current
+        v.metrics["accuracy"] = self._accuracy_torch(v.lm)
+        return {"variant": v.name, "accuracy": v.metrics["accuracy"]}
+
+    def _compress(self, stage: dict) -> dict:
+        fam = families()[stage["stage"]]
+        method = fam.get(stage["method"])
+        cfg = build_config(method, {k: v for k, v in stage.items() if k not in STAGE_KEYS})
+        src = self.result.current
+        src.lm.require_compressible(stage["stage"])
+        log(f"[bold]{stage['stage']}[/] {method.name} on {src.name}")
+        lm = method.apply(_clone(src.lm), cfg, self.ctx)
+        name = self._unique(stage.get("name") or DEFAULT_NAMES[stage["stage"]])
+        variant = Variant(name, lm, self._model_metrics(lm, name))
+        if stage.get("output") or self.out_dir is not None:
+            variant.path = str(save_model(lm, Path(stage.get("output") or self.out_dir / f"{name}.pt")))
+        self.result.variants[name] = variant
+        return {"method": method.name, "config": _jsonable(cfg.__dict__), "input": src.name, "output": name,
+                "metrics": variant.metrics, "path": variant.path}
+
+    _stage_prune = _stage_quantize = _stage_lowrank = _compress
+
+    def _stage_export(self, stage: dict) -> dict:
+        from exporters import EXPORTERS, SUFFIX
+
+        if self.out_dir is None:
+            raise UserError("export needs an output folder (-o)")
+        formats = stage.get("formats") or [stage.get("format", "onnx")]
+        precision = stage.get("precision", "auto")
+        names = stage.get("variants", "all")
+        variants = list(self.result.variants.values()) if names == "all" else [self.result.variants[n] for n in names]
+        parity_x = self._parity_images()
+        made = []
+        for v in variants:
+            if v.lm.kind == "torchscript":
+                raise UserError(f"{v.lm.source}: TorchScript models are profiled as they are; export needs a torch module")
+            for fmt in formats:
+                path = Path(stage["output"]) if stage.get("output") else self.out_dir / f"{v.name}{SUFFIX.get(fmt, '.' + fmt)}"
+                log(f"[bold]export[/] {v.name} -> {path.name}")
+                art = EXPORTERS.get(fmt)(v.lm.model, v.lm.spec, path, precision, parity_x).to_dict()
+                art["variant"] = v.name
+                if stage.get("eval", True) and self.eval_sets:
+                    art["accuracy"] = self._accuracy_artifact(art)
+                self.result.artifacts.append(art)
+                made.append(art)
+        return {"artifacts": [{"path": a["path"], "format": a["format"], "precision": a["precision"],
+                               "parity": a["parity"]} for a in made]}
+
+    def _stage_profile(self, stage: dict) -> dict:
+        from devices import profile_artifact
+
+        if not self.result.artifacts:
+            raise UserError("profile stage: nothing exported yet (add an export stage before it)")
+        opts = {k: v for k, v in stage.items() if k not in ("stage", "artifacts")}
+        done = []
+        for art in self.result.artifacts:
+            runtime = {"onnx": "onnxruntime", "openvino": "openvino"}.get(art["format"], art["format"])
+            log(f"[bold]profile[/] {Path(art['path']).name} on {runtime}")
+            prof = profile_artifact(art["path"], runtime=runtime, **opts)
+            prof_path = Path(art["path"]).with_name(Path(art["path"]).name + ".profile.json")
+            with atomic_path(prof_path) as tmp:
+                tmp.write_text(json.dumps(prof, indent=2))
+            self.result.profiles.append({**prof, "artifact": art["path"], "path": str(prof_path)})
+            done.append(str(prof_path))
+        return {"profiles": done}
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+    def _unique(self, name: str) -> str:
+        base, i = name, 2
+        while name in self.result.variants:
+            name, i = f"{base}{i}", i + 1
+        return name
+
+    def _model_metrics(self, lm: LoadedModel, name: str) -> dict:
+        m: dict[str, Any] = {"params": count_params(lm.model)}
+        try:
+            m["flops"] = count_flops(lm.model, lm.spec.shape)
+        except Exception:  # noqa: BLE001 - an exotic module FlopCounterMode cannot trace: say unknown, don't fail
+            m["flops"] = None
+        if lm.kind != "torchscript":
+            m["size_bytes"] = state_dict_bytes(lm.model)
+        from exporters.onnx import model_precision
+
+        m["precision"] = model_precision(lm.model)
+        if self.eval_sets:
+            m["accuracy"] = self._accuracy_torch(lm)
+        return m
+
+    def _accuracy_torch(self, lm: LoadedModel) -> dict[str, float]:
+        norm = self.ctx.normalizer()
+        return {name: round(evaluate(lm.model, ds, norm), 2) for name, ds in self.eval_sets.items()}
+
+    def _accuracy_artifact(self, art: dict) -> dict[str, float]:
+        from runtimes import open_session
+
+        session = open_session(art["path"], {"onnx": "onnxruntime", "openvino": "openvino"}[art["format"]])
+        norm = self.ctx.normalizer()
+        return {name: round(top1(predict(lambda x: session.run(x.numpy()), ds, norm, description=f"evaluate {Path(art['path']).name}"), ds.labels), 2)
+                for name, ds in self.eval_sets.items()}
+
+    def _parity_images(self) -> torch.Tensor | None:
+        ds = next(iter(self.eval_sets.values()), None) or self.ctx.dataset("calib")
+        if ds is None:
+            return None
+        return self.ctx.normalizer()(ds.images[:64], ds.prenormalized)
+
+    def _write_manifest(self) -> Path:
+        orig = self.result.variants["original"].lm
+        manifest = {
+            "schema": "compress.manifest/1",
+            "created": self.started.isoformat(timespec="seconds"),
+            "tool": {"name": "edge-compress", "version": __version__},
+            "environment": {"python": platform.python_version(), "platform": platform.platform(),
+                            "versions": _versions()},
+            "seed": self.recipe.seed,
+            "input_model": {"path": orig.source, "sha256": orig.sha256, "kind": orig.kind, "arch": orig.arch},
+            "recipe": self.recipe.to_dict(),
+            "data": {**{role: {"spec": spec, "fingerprint": self.ctx.dataset(role).fingerprint()}
+                        for role, spec in self.ctx.data.items() if spec},
+                     "eval": {name: {"source": ds.source, "n": len(ds), "fingerprint": ds.fingerprint()}
+                              for name, ds in self.eval_sets.items()}},
+            "stages": self.result.stages,
+            "variants": {n: {"path": v.path, "sha256": sha256_file(Path(v.path)) if v.path and Path(v.path).is_file() else None,
+                             "history": v.lm.history, "metrics": v.metrics} for n, v in self.result.variants.items()},
+            "artifacts": self.result.artifacts,
+            "profiles": [{"artifact": p["artifact"], "path": p["path"]} for p in self.result.profiles],
+            "table": self.result.rows(list(self.eval_sets)),
+        }
+        path = self.out_dir / self.manifest_name
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(_jsonable(manifest), indent=2))
+        return path
+
+
+def _clone(lm: LoadedModel) -> LoadedModel:
+    import copy
+
+    return copy.deepcopy(lm)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "numpy", "onnx", "onnxruntime", "openvino", "torch-pruning", "nncf"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj

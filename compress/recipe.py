@@ -1,0 +1,105 @@
+"""Recipes: the YAML form of a pipeline run. The CLI verbs build the same structure.
+
+    model: path/to/model.th          # any format compress.io reads
+    arch: resnet20                   # for state dicts
+    data:                            # data specs (compress/data.py) by role
+      train: cifar10:train.npz       # fine-tuning / training-based methods
+      calib: cifar10:calib.npz       # calibration (unlabeled is fine)
+      eval: [cifar10:test.npz]       # accuracy after every stage and of every artifact
+    seed: 0
+    stages:
+      - {stage: prune, method: l1, flops_target: 0.5, finetune_epochs: 1}
+      - {stage: quantize, method: minmax, bits: w8a8}
+      - {stage: export, formats: [onnx, openvino]}
+      - {stage: profile, iterations: 200}
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from compress.errors import UserError
+
+TOP_KEYS = {"model", "arch", "trust_pickle", "input_shape", "data", "seed", "stages", "name"}
+DATA_ROLES = {"train", "calib", "eval"}
+STAGE_KINDS = ("eval", "prune", "quantize", "lowrank", "export", "profile")
+
+
+@dataclass
+class Recipe:
+    model: str
+    stages: list[dict]
+    arch: str | None = None
+    trust_pickle: bool = False
+    input_shape: list[int] | None = None
+    data: dict = field(default_factory=dict)
+    seed: int = 0
+    name: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, base: Path | None = None) -> "Recipe":
+        if not isinstance(d, dict):
+            raise UserError("a recipe is a YAML mapping with at least `model:` and `stages:`")
+        unknown = set(d) - TOP_KEYS
+        if unknown:
+            raise UserError(f"recipe: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(TOP_KEYS))}")
+        if "model" not in d or not d.get("stages"):
+            raise UserError("recipe: needs `model:` and a non-empty `stages:` list")
+        data = dict(d.get("data") or {})
+        bad_roles = set(data) - DATA_ROLES
+        if bad_roles:
+            raise UserError(f"recipe data: unknown role(s) {', '.join(sorted(bad_roles))}; use {', '.join(sorted(DATA_ROLES))}")
+        if isinstance(data.get("eval"), str):
+            data["eval"] = [data["eval"]]
+        stages = d["stages"]
+        if not isinstance(stages, list) or not all(isinstance(s, dict) and "stage" in s for s in stages):
+            raise UserError("recipe: each stage is a mapping with a `stage:` key")
+        for s in stages:
+            if s["stage"] not in STAGE_KINDS:
+                raise UserError(f"recipe: unknown stage {s['stage']!r}; choose one of {', '.join(STAGE_KINDS)}")
+        model = str(d["model"])
+        if base is not None:  # paths in a recipe file are relative to the recipe
+            model = _rebase(model, base)
+            data = {role: ([_rebase_spec(v, base) for v in val] if isinstance(val, list) else _rebase_spec(val, base))
+                    for role, val in data.items()}
+        return cls(model=model, stages=[dict(s) for s in stages], arch=d.get("arch"),
+                   trust_pickle=bool(d.get("trust_pickle", False)), input_shape=d.get("input_shape"),
+                   data=data, seed=int(d.get("seed", 0)), name=d.get("name"))
+
+    @classmethod
+    def load(cls, path: Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"recipe not found: {path}")
+        try:
+            d = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        return cls.from_dict(d, base=path.resolve().parent)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in (None, {}, []) and not (k == "trust_pickle" and not v)}
+
+    def save(self, path: Path) -> None:
+        from compress.fileio import atomic_path
+
+        with atomic_path(Path(path)) as tmp:
+            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _rebase(p: str, base: Path) -> str:
+    path = Path(p)
+    return str(path if path.is_absolute() else (base / path))
+
+
+def _rebase_spec(spec: str | None, base: Path) -> str | None:
+    if spec is None:
+        return None
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("cifar10", "npz", "folder"):
+        return f"{kind}:{_rebase(rest, base)}"
+    if kind == "random":
+        return spec
+    return _rebase(spec, base)

@@ -1,0 +1,171 @@
+"""Human output of the CLI (rich tables) and the small queries behind `info` and `eval`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.nn as nn
+from rich.console import Console
+from rich.table import Table
+
+from compress.errors import UserError
+from compress.io import LoadedModel
+
+console = Console()
+ARTIFACT_RUNTIMES = {".onnx": "onnxruntime", ".ort": "onnxruntime", ".xml": "openvino"}
+
+
+def fmt_count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def model_info(lm: LoadedModel) -> dict:
+    from compress.metrics import count_flops, count_params, state_dict_bytes
+
+    layers = {}
+    for m in lm.model.modules():
+        if not list(m.children()):
+            layers[type(m).__name__] = layers.get(type(m).__name__, 0) + 1
+    try:
+        flops = count_flops(lm.model, lm.spec.shape)
+    except Exception:  # noqa: BLE001 - FLOPs are informative here; do not fail `info` on an exotic op
+        flops = None
+    return {"source": lm.source, "kind": lm.kind, "arch": lm.arch, "sha256": lm.sha256,
+            "input": lm.spec.to_dict(), "params": sum(p.numel() for p in lm.model.parameters()),
+            "flops": flops, "state_dict_bytes": state_dict_bytes(lm.model) if isinstance(lm.model, nn.Module) else None,
+            "layers": layers, "edits": [e.get("kind") for e in lm.edits], "history": lm.history}
+
+
+def print_info(d: dict) -> None:
+    t = Table(title=f"{Path(d['source']).name} ({d['kind']}{', ' + d['arch'] if d['arch'] else ''})", show_header=False)
+    t.add_row("input", f"1 x {' x '.join(map(str, d['input']['shape']))}  mean={d['input']['mean']} std={d['input']['std']}")
+    t.add_row("parameters", f"{fmt_count(d['params'])} ({d['params']:,})")
+    t.add_row("FLOPs (batch 1)", fmt_count(d["flops"]))
+    t.add_row("weights size", fmt_bytes(d["state_dict_bytes"]))
+    t.add_row("layers", ", ".join(f"{k} x{v}" for k, v in sorted(d["layers"].items(), key=lambda kv: -kv[1])))
+    if d["history"]:
+        t.add_row("history", " -> ".join(f"{h.get('stage')}:{h.get('method')}" for h in d["history"]))
+    console.print(t)
+
+
+def evaluate_any(path: Path, data: list[str], runtime: str | None, batch_size: int, kw: dict,
+                 loader: Callable[[Path, dict], LoadedModel]) -> dict:
+    from compress.data import Normalizer, load_dataset
+    from compress.metrics import predict, top1
+
+    if not Path(path).exists():
+        raise UserError(f"model file not found: {path}")
+    runtime = runtime or ARTIFACT_RUNTIMES.get(Path(path).suffix)
+    if runtime:
+        from runtimes import open_session
+
+        session = open_session(path, runtime)
+        shape = tuple(session.inputs[0]["shape"][1:]) if getattr(session, "inputs", None) else (3, 32, 32)
+        mean, std = _artifact_normalization(path)
+        forward = lambda x: session.run(x.numpy())  # noqa: E731
+    else:
+        lm = loader(path, kw)
+        shape, mean, std = lm.spec.shape, lm.spec.mean, lm.spec.std
+        forward = lambda x: lm.model(x).detach().numpy()  # noqa: E731
+    norm = Normalizer(mean, std)
+    acc = {}
+    for spec in data:
+        ds = load_dataset(spec, tuple(shape))
+        if ds.labels is None:
+            raise UserError(f"{spec} has no labels ('y'): accuracy needs labeled data")
+        acc[Path(ds.source).stem] = round(top1(predict(forward, ds, norm, batch_size), ds.labels), 2)
+    return {"model": str(path), "runtime": runtime or "torch", "accuracy": acc}
+
+
+def _artifact_normalization(path: Path) -> tuple[tuple, tuple]:
+    """An artifact carries no normalization; use the sidecar manifest when present, else the zoo default."""
+    import json
+
+    from compress.zoo import CIFAR_MEAN, CIFAR_STD
+
+    for side in (Path(path).with_name("model.json"), Path(str(path) + ".json")):
+        if side.is_file():
+            d = json.loads(side.read_text())
+            inp = d.get("input", d)
+            if "mean" in inp and "std" in inp:
+                return tuple(inp["mean"]), tuple(inp["std"])
+    return CIFAR_MEAN, CIFAR_STD
+
+
+def print_kv(title: str, d: dict[str, Any]) -> None:
+    t = Table(title=title)
+    t.add_column("set")
+    t.add_column("value", justify="right")
+    for k, v in d.items():
+        t.add_row(k, f"{v:.2f}" if isinstance(v, float) else str(v))
+    console.print(t)
+
+
+def print_stage(record: dict, result) -> None:
+    before = result.variants["original"].metrics
+    after = record["metrics"]
+    t = Table(title=f"{record['stage']} {record['method']} -> {record['path']}")
+    t.add_column("")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_row("params", fmt_count(before.get("params")), fmt_count(after.get("params")))
+    t.add_row("FLOPs", fmt_count(before.get("flops")), fmt_count(after.get("flops")))
+    t.add_row("weights", fmt_bytes(before.get("size_bytes")), fmt_bytes(after.get("size_bytes")))
+    t.add_row("precision", before.get("precision", "-"), after.get("precision", "-"))
+    for k, v in after.get("accuracy", {}).items():
+        t.add_row(f"top-1 {k}", f"{before.get('accuracy', {}).get(k, float('nan')):.2f}", f"{v:.2f}")
+    t.add_row("time", "", f"{record['seconds']:.1f} s")
+    console.print(t)
+
+
+def print_artifacts(artifacts: list[dict]) -> None:
+    t = Table(title="exported")
+    for c in ("artifact", "format", "precision", "size", "parity max|err|", "top-1 agree"):
+        t.add_column(c, justify="right" if c not in ("artifact", "format") else "left")
+    for a in artifacts:
+        p = a.get("parity", {})
+        t.add_row(a["path"], a["format"], a["precision"], fmt_bytes(a["size_bytes"]),
+                  f"{p.get('max_abs_err', float('nan')):.2e}" if p else "not checked",
+                  f"{p.get('top1_agreement', float('nan')):.1%}" if p else "-")
+    console.print(t)
+    for a in artifacts:
+        for n in a.get("notes", []):
+            console.print(f"  {Path(a['path']).name}: {n}")
+
+
+def rows_table(rows: list[dict], eval_names: list[str], title: str = "results") -> Table:
+    t = Table(title=title)
+    cols = ["model", "format", "precision", *[f"top-1 {n}" for n in eval_names], "params", "FLOPs", "size",
+            "p50 ms", "p90 ms", "peak MB"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("model", "format", "precision") else "right")
+    for r in rows:
+        acc = [f"{r['accuracy'][n]:.2f}" if n in r.get("accuracy", {}) else "-" for n in eval_names]
+        t.add_row(r["model"], r["format"], r["precision"], *acc, fmt_count(r.get("params")), fmt_count(r.get("flops")),
+                  fmt_bytes(r.get("size_bytes")), fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p90_ms")),
+                  "-" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.1f}")
+    return t
+
+
+def print_run(rows: list[dict], result, pipe) -> None:
+    console.print(rows_table(rows, list(pipe.eval_sets)))
+    if result.manifest_path:
+        console.print(f"manifest: {result.manifest_path}")
