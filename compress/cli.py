@@ -240,6 +240,11 @@ def run(recipe: Path, output: Path | None, as_json: bool) -> None:
 
 
 def main() -> None:
+    if not os.environ.get("COMPRESS_DEBUG"):
+        # library warnings (pickle protocol notes, exporter deprecations) are noise to a CLI user
+        import warnings
+
+        warnings.filterwarnings("ignore")
     try:
         rc = cli.main(standalone_mode=False)  # returns the exit code for --help / --version
         sys.exit(rc if isinstance(rc, int) else 0)

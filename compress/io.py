@@ -107,9 +107,19 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
             raise UserError(f"{path}: holds a {type(obj).__name__}, not a model or state dict")
     if input_shape is not None:
         lm.spec.shape = tuple(input_shape)
+        _check_input_shape(lm)
     lm.sha256 = digest
     lm.model.eval()
     return lm
+
+
+def _check_input_shape(lm: LoadedModel) -> None:
+    try:
+        with torch.no_grad():
+            lm.model.eval()(lm.spec.example(batch=1))
+    except Exception as e:  # noqa: BLE001 - any failure means the shape does not fit
+        raise UserError(f"input shape {tuple(lm.spec.shape)} does not fit {lm.source}: "
+                        f"{str(e).splitlines()[0][:160]}") from None
 
 
 def _sniff(path: Path) -> str:

@@ -1,0 +1,42 @@
+"""Shared fixtures: the real assets (../shared/assets) and a CLI runner that goes through main()."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("COMPRESS_NO_PROGRESS", "1")
+
+
+def _assets() -> Path:
+    for c in (os.environ.get("COMPRESS_ASSETS"), ROOT.parent / "shared" / "assets"):
+        if c and Path(c).is_dir():
+            return Path(c)
+    pytest.exit("shared assets not found: set COMPRESS_ASSETS", returncode=2)
+
+
+ASSETS = _assets()
+RESNET20 = ASSETS / "models" / "resnet20-12fca82f.th"
+RESNET32 = ASSETS / "models" / "resnet32-d509ac18.th"
+TEST_LOSSLESS = ASSETS / "data" / "cifar10_test_lossless846.npz"
+TEST_JPEG = ASSETS / "data" / "cifar10_test_jpeg.npz"
+TRAIN20K = ASSETS / "data" / "cifar10_train20k_jpeg.npz"
+CALIB1000 = ASSETS / "data" / "cifar10_calib1000_jpeg.npz"
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real console entry point in a subprocess: exit codes and stderr exactly as a user sees them."""
+    env = {**os.environ, "COMPRESS_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, "-m", "compress.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def resnet20():
+    from compress.io import load_model
+
+    return load_model(RESNET20, arch="resnet20")
