@@ -77,7 +77,7 @@ class RunResult:
                          "accuracy": a.get("accuracy", {}), "params": v.metrics.get("params"),
                          "flops": v.metrics.get("flops"), "size_bytes": a["size_bytes"],
                          "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"),
-                         "peak_rss_mb": (prof or {}).get("memory", {}).get("peak_rss_mb")})
+                         "peak_rss_mb": _mib((prof or {}).get("memory", {}).get("peak_rss_bytes"))})
         return rows
 
 
@@ -271,6 +271,10 @@ class Pipeline:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(_jsonable(manifest), indent=2))
         return path
+
+
+def _mib(n: int | None) -> float | None:
+    return None if n is None else round(n / (1 << 20), 1)
 
 
 def _clone(lm: LoadedModel) -> LoadedModel:

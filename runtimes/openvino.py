@@ -1,0 +1,54 @@
+"""OpenVINO on CPU (.xml IR, or any model file OpenVINO reads): latency hint, one stream, FP32 compute."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from compress.errors import UserError
+from runtimes.base import Session, TensorInfo, first_line, require
+
+
+class OpenVINOSession(Session):
+    def __init__(self, compiled, path: Path, threads: int | None, options: dict, version: str):
+        super().__init__(path, threads, _infos(compiled.inputs), _infos(compiled.outputs), "openvino", version, options)
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._out = compiled.output(0)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        # share_inputs: no copy of the (already contiguous) input; outputs are copied, the caller may keep them
+        return self._request.infer([x], share_inputs=True)[self._out]
+
+    def close(self) -> None:
+        self._request = self._compiled = None
+
+
+def open(path: Path, threads: int | None) -> OpenVINOSession:  # noqa: A001 - the runtime interface's name
+    ov = require("openvino", "pip install openvino")
+    config = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": "1",
+        # the CPU plugin defaults to bf16 on CPUs with AVX512-BF16/AMX: the artifact's FP32 would not be what runs
+        "INFERENCE_PRECISION_HINT": "f32",
+    }
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    core = ov.Core()
+    try:
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError with multi-line C++ traces
+        raise UserError(f"{path}: OpenVINO cannot load it ({first_line(e)})") from None
+    options = {"device": "CPU", "performance_hint": "latency", "num_streams": 1, "inference_precision": "f32",
+               "inference_num_threads": int(compiled.get_property("INFERENCE_NUM_THREADS"))}
+    return OpenVINOSession(compiled, path, threads, options, ov.__version__)
+
+
+def _infos(ports) -> list[TensorInfo]:
+    out = []
+    for i, port in enumerate(ports):
+        names = port.get_names()
+        ps = port.get_partial_shape()
+        shape = None if ps.rank.is_dynamic else tuple(d.get_length() if d.is_static else None for d in ps)
+        out.append(TensorInfo(port.get_any_name() if names else f"#{i}", shape, port.get_element_type().to_dtype().name))
+    return out
