@@ -3,3 +3,5 @@ from compress.registry import Registry
 from compress.stages import Method
 
 METHODS: Registry[Method] = Registry("pruning method")
+
+from compress.prune import baselines  # noqa: E402,F401  - registers l1 and random

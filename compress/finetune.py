@@ -1,0 +1,88 @@
+"""Recovery fine-tuning shared by every method that changes weights (pruning, low-rank, quantization-aware).
+
+SGD with momentum and a per-step cosine schedule on the `train` data, CIFAR flip/crop augmentation. With a
+teacher (the model before compression) the loss is knowledge distillation (Hinton et al. 2015): the KL
+divergence between temperature-softened outputs, times T^2 so its gradient scale does not depend on T.
+Labels are optional: unlabeled data gives pure distillation; labeled data mixes in cross-entropy.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from compress.data import batches
+from compress.errors import UserError
+from compress.progress import track
+from compress.stages import Context
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def finetune(model: nn.Module, ctx: Context, epochs: int, lr: float = 0.01, batch_size: int = 128,
+             teacher: nn.Module | None = None, distill: bool = True, temperature: float = 4.0,
+             alpha: float = 0.9, weight_decay: float = 5e-4, momentum: float = 0.9,
+             max_steps: int | None = None, log: list[dict] | None = None, role: str = "train") -> nn.Module:
+    """Train `model` in place for `epochs` on ctx's `role` data; returns it in eval mode.
+
+    alpha: weight of the distillation term when labels exist (1 - alpha goes to cross-entropy).
+    max_steps: stop early after this many optimizer steps in total (smoke runs and tests).
+    log: if given, one dict per epoch is appended: epoch, steps, loss (mean), seconds.
+    """
+    if epochs <= 0:
+        return model.eval()
+    ds = ctx.dataset(role, required=True)
+    use_kd = distill and teacher is not None
+    if ds.labels is None and not use_kd:
+        raise UserError(f"fine-tuning on {ds.source} needs labels ('y') or distillation from the original model")
+    norm = ctx.normalizer()
+    per_epoch = math.ceil(len(ds) / batch_size)
+    total = per_epoch * epochs if max_steps is None else min(max_steps, per_epoch * epochs)
+    # no weight decay on BN/bias: decaying them only fights the normalization
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=lr, momentum=momentum)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
+    if use_kd:
+        teacher.eval()
+    step = 0
+    for epoch in range(epochs):
+        model.train()  # BN statistics re-adapt to the smaller layers
+        start, loss_sum, n = time.perf_counter(), 0.0, 0
+        data = batches(ds, norm, batch_size, shuffle=True, seed=ctx.seed + epoch, augment=True)
+        for x, y in track(data, f"fine-tune {epoch + 1}/{epochs}", total=min(per_epoch, total - step)):
+            out = model(x)
+            loss = _loss(out, x, y, teacher if use_kd else None, temperature, alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum, n, step = loss_sum + loss.item() * len(x), n + len(x), step + 1
+            if step >= total:
+                break
+        if log is not None:
+            log.append({"epoch": epoch + 1, "steps": step, "loss": loss_sum / max(1, n),
+                        "seconds": round(time.perf_counter() - start, 2)})
+        if step >= total:
+            break
+    return model.eval()
+
+
+def _loss(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, teacher: nn.Module | None,
+          temperature: float, alpha: float) -> torch.Tensor:
+    if teacher is None:
+        return F.cross_entropy(out, y)
+    with torch.no_grad():
+        soft = teacher(x)
+    kd = kd_loss(out, soft, temperature)
+    if y is None:
+        return kd
+    return alpha * kd + (1 - alpha) * F.cross_entropy(out, y)

@@ -1,0 +1,180 @@
+"""The channel-removal engine, the l1/random baselines and KD fine-tuning, on the real ResNet-20 and data."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from compress.assets import data_path
+from compress.data import load_dataset
+from compress.errors import UserError
+from compress.finetune import finetune, kd_loss
+from compress.io import LoadedModel, load_model, save_model, zoo_model
+from compress.metrics import count_flops, count_params
+from compress.prune import METHODS
+from compress.prune.baselines import l1_scores
+from compress.prune.engine import channel_groups, find_ratio, keep_sets, prune_channels, prune_to_keep
+from compress.stages import Context, build_config
+
+SHAPE = (3, 32, 32)
+
+
+@pytest.fixture()
+def r20(resnet20) -> LoadedModel:
+    return LoadedModel(copy.deepcopy(resnet20.model).eval(), resnet20.spec, resnet20.kind, resnet20.source,
+                       resnet20.arch, dict(resnet20.arch_kwargs))
+
+
+@pytest.fixture(scope="module")
+def train20k():
+    return load_dataset(f"cifar10:{data_path('cifar10_train20k_jpeg.npz')}")
+
+
+def _zero_channels(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Silence a quarter of every group's channels (BN scale and shift = 0) consistently with the option-A
+    shortcuts, and return importance that ranks exactly those channels lowest."""
+    mods = dict(model.named_modules())
+    idx2, idx3 = mods["layer2.0.shortcut"].index, mods["layer3.0.shortcut"].index
+    s1 = [1, 5, 9, 14]
+    # a stage-2 stream channel is silent only if its shortcut source is silent too (or it is a zero-pad slot)
+    s2 = sorted([c for c in range(32) if int(idx2[c]) in s1] + [c for c in range(32) if idx2[c] == 16][:4])
+    s3 = sorted([c for c in range(64) if int(idx3[c]) in s2] + [c for c in range(64) if idx3[c] == 32][:8])
+    stream = {"conv1": s1, "layer2.0.conv2": s2, "layer3.0.conv2": s3}
+    gen = torch.Generator().manual_seed(0)
+    scores = {}
+    with torch.no_grad():
+        for g in channel_groups(model, x):
+            silent = stream.get(g.name) or sorted(torch.randperm(g.channels, generator=gen)[:g.channels // 4].tolist())
+            for name in g.members:
+                bn = mods[name.replace("conv", "bn")]
+                bn.weight[silent], bn.bias[silent] = 0.0, 0.0
+                s = torch.rand(g.channels, generator=gen) + 1.0
+                s[silent] = 0.0
+                scores[name] = s
+    return scores
+
+
+def test_removing_silent_channels_keeps_logits(r20):
+    model, x = r20.model, r20.spec.example(8)
+    scores = _zero_channels(model, x[:1])
+    ref = model(x)
+    pruned = prune_channels(copy.deepcopy(model), x[:1], scores, ratio=0.25)
+    assert pruned.conv1.out_channels == 12 and pruned.layer2[0].conv2.out_channels == 24
+    assert pruned.layer3[0].shortcut.in_channels == 24 and pruned.linear.in_features == 48
+    torch.testing.assert_close(pruned(x), ref, atol=1e-5, rtol=1e-5)
+    # control: removing other channels (inverted scores) does change the logits
+    wrong = prune_channels(copy.deepcopy(model), x[:1], {k: -v for k, v in scores.items()}, ratio=0.25)
+    assert (wrong(x) - ref).abs().max() > 1e-2
+
+
+def test_flops_target_reached_and_params_drop(r20):
+    model, x = r20.model, r20.spec.example(1)
+    flops, params = count_flops(model, SHAPE), count_params(model)
+    pruned = prune_channels(copy.deepcopy(model), x, l1_scores(model), flops_target=0.5)
+    frac = count_flops(pruned, SHAPE) / flops
+    assert 0.45 <= frac <= 0.5
+    assert count_params(pruned) < 0.6 * params
+    assert pruned(r20.spec.example(2)).shape == (2, 10)  # classifier outputs and input channels untouched
+    assert pruned.conv1.in_channels == 3
+    with pytest.raises(UserError, match="out of reach"):
+        find_ratio(model, x, l1_scores(model), flops_target=0.001)
+
+
+def test_pruned_model_saves_and_reloads(r20, tmp_path):
+    ctx = Context(spec=r20.spec)
+    method = METHODS.get("l1")
+    out = method.apply(r20, build_config(method, {"ratio": 0.3, "round_to": 4}), ctx)
+    assert out.kind == "compress" and out.edits == [] and out.history[-1]["method"] == "l1"
+    assert out.history[-1]["flops_after"] < out.history[-1]["flops_before"]
+    assert all(m.out_channels % 4 == 0 for m in out.model.modules() if isinstance(m, nn.Conv2d))
+    back = load_model(save_model(out, tmp_path / "pruned.pt"))
+    x = r20.spec.example(4)
+    assert torch.equal(back.model(x), out.model(x))
+    assert torch.equal(back.model.layer3[0].shortcut.index, out.model.layer3[0].shortcut.index)
+    assert back.history == out.history
+
+
+def test_onnx_export_has_smaller_weights(r20, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    model, x = r20.model, r20.spec.example(2)
+    prune_channels(model, x[:1], l1_scores(model), ratio=0.5)
+    path = tmp_path / "pruned.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["input"])
+    shapes = {i.name: list(i.dims) for i in onnx.load(str(path)).graph.initializer}
+    conv_shapes = [s for s in shapes.values() if len(s) == 4]
+    assert [8, 3, 3, 3] in conv_shapes and [32, 32, 3, 3] in conv_shapes and max(s[0] for s in conv_shapes) == 32
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "vgg16_bn"])
+def test_mobilenet_and_vgg_prune_and_run(arch):
+    lm = zoo_model(arch)
+    model, x = lm.model, lm.spec.example(2)
+    flops = count_flops(model, SHAPE)
+    prune_channels(model, x[:1], l1_scores(model), ratio=0.5, round_to=8)
+    assert model(x).shape == (2, 10)
+    assert count_flops(model, SHAPE) < 0.4 * flops
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0].in_channels == 3 and all(c.out_channels % 8 == 0 for c in convs)
+    for dw in (c for c in convs if c.groups > 1):  # depthwise convs stay depthwise
+        assert dw.groups == dw.in_channels == dw.out_channels == dw.weight.shape[0]
+
+
+def test_l1_keeps_the_largest_filters(r20):
+    model, x = r20.model, r20.spec.example(1)
+    original = model.layer2[1].conv1.weight.detach().clone()
+    norms = original.abs().sum((1, 2, 3))
+    expected = sorted(norms.argsort(descending=True)[:16].tolist())
+    plan = keep_sets(model, x, l1_scores(model), ratio={"layer2.1.conv1": 0.5})
+    assert plan == {"layer2.1.conv1": expected}  # a per-group ratio dict prunes only the groups it names
+    prune_channels(model, x, l1_scores(model), ratio={"layer2.1.conv1": 0.5})
+    assert torch.equal(model.layer2[1].conv1.weight, original[expected])
+    assert model.layer2[1].conv2.in_channels == 16 and model.layer1[0].conv1.out_channels == 16
+
+
+def test_keep_sets_and_bad_input(r20):
+    model, x = r20.model, r20.spec.example(1)
+    with pytest.raises(UserError, match="conflicting"):
+        prune_to_keep(copy.deepcopy(model), x, {"layer1.0.conv2": [0, 1], "layer1.1.conv2": [2, 3]})
+    with pytest.raises(UserError, match="not a prunable"):
+        prune_to_keep(copy.deepcopy(model), x, {"linear": [0]})
+    # a keep set named by any member of a coupled group prunes the whole residual stream
+    prune_to_keep(model, x, {"layer1.1.conv2": [0, 2, 4, 6]})
+    assert model.conv1.out_channels == model.layer1[2].conv2.out_channels == model.layer2[0].shortcut.in_channels == 4
+    method = METHODS.get("l1")
+    for bad in ({}, {"ratio": 0.5, "flops_target": 0.5}, {"ratio": 1.5}, {"flops_target": 0}):
+        with pytest.raises(UserError):
+            build_config(method, bad)
+
+
+def test_random_method_is_seeded(r20):
+    method, cfg = METHODS.get("random"), build_config(METHODS.get("random"), {"ratio": 0.5})
+    a = method.apply(LoadedModel(copy.deepcopy(r20.model), r20.spec, "zoo", "a", "resnet20"), cfg, Context(r20.spec, seed=3))
+    b = method.apply(LoadedModel(copy.deepcopy(r20.model), r20.spec, "zoo", "b", "resnet20"), cfg, Context(r20.spec, seed=3))
+    assert torch.equal(a.model.layer2[0].conv1.weight, b.model.layer2[0].conv1.weight)
+
+
+def test_kd_finetune_lowers_loss_without_labels(r20, train20k, tmp_path):
+    sub = train20k.subset(192, seed=0)
+    np.savez(tmp_path / "unlabeled.npz", x=sub.images)  # no 'y': pure distillation
+    ctx = Context(spec=r20.spec, data={"train": f"cifar10:{tmp_path / 'unlabeled.npz'}"})
+    teacher = r20.model
+    student = prune_channels(copy.deepcopy(teacher), r20.spec.example(1), l1_scores(teacher), ratio=0.3)
+    x = ctx.normalizer()(sub.images)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(kd_loss(student.eval()(x), teacher(x), 4.0))
+
+    before, log = loss(), []
+    out = finetune(student, ctx, epochs=3, lr=0.01, batch_size=32, teacher=teacher, log=log)
+    assert out is student and not student.training and len(log) == 3
+    assert loss() < 0.6 * before
+    with pytest.raises(UserError, match="labels"):
+        finetune(student, ctx, epochs=1, teacher=None)
