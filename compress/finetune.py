@@ -86,3 +86,29 @@ def _loss(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, teacher: n
     if y is None:
         return kd
     return alpha * kd + (1 - alpha) * F.cross_entropy(out, y)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, ctx: Context, images: int = 1000, batch_size: int = 128, role: str = "calib") -> bool:
+    """Re-estimate BatchNorm running statistics on unlabeled data (no weight changes).
+
+    After channels are removed, the surviving layers see different input statistics; re-estimating
+    BN statistics recovers much of the accuracy before any fine-tuning. Returns False when no data is available.
+    """
+    ds = ctx.dataset(role)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if ds is None or not bns or images <= 0:
+        return False
+    ds = ds.subset(images, seed=ctx.seed)
+    saved = [(m, m.momentum) for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    for x, _ in batches(ds, ctx.normalizer(), batch_size):
+        model(x)
+    for m, momentum in saved:
+        m.momentum = momentum
+    model.eval()
+    return True

@@ -11,7 +11,10 @@ from rich.table import Table
 from compress.errors import UserError
 from compress.io import LoadedModel
 
-console = Console()
+import sys
+
+# a pipe or CI log is not 80 columns wide: keep tables readable there
+console = Console() if sys.stdout.isatty() else Console(width=160)
 ARTIFACT_RUNTIMES = {".onnx": "onnxruntime", ".ort": "onnxruntime", ".xml": "openvino"}
 
 
@@ -151,9 +154,18 @@ def print_artifacts(artifacts: list[dict]) -> None:
             console.print(f"  {Path(a['path']).name}: {n}")
 
 
+def short_names(names: list[str]) -> list[str]:
+    """'cifar10_test_jpeg', 'cifar10_test_lossless846' -> 'jpeg', 'lossless846' (drop the shared prefix)."""
+    import os
+
+    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+    prefix = prefix[:prefix.rfind("_") + 1] if "_" in prefix else ""
+    return [n[len(prefix):] or n for n in names]
+
+
 def rows_table(rows: list[dict], eval_names: list[str], title: str = "results") -> Table:
     t = Table(title=title)
-    cols = ["model", "format", "precision", *[f"top-1 {n}" for n in eval_names], "params", "FLOPs", "size",
+    cols = ["model", "format", "precision", *[f"top-1 {n}" for n in short_names(eval_names)], "params", "FLOPs", "size",
             "p50 ms", "p90 ms", "peak MB"]
     for c in cols:
         t.add_column(c, justify="left" if c in ("model", "format", "precision") else "right")

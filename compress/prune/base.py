@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from compress.errors import UserError
-from compress.finetune import finetune
+from compress.finetune import finetune, recalibrate_bn
 from compress.io import LoadedModel
 from compress.metrics import count_flops, count_params
 from compress.progress import log, status
@@ -32,6 +32,8 @@ class PruneConfig(MethodConfig):
     lr: float = option(0.01, "fine-tuning learning rate (SGD, momentum 0.9, cosine decay)")
     batch_size: int = option(128, "fine-tuning batch size")
     round_to: int | None = option(None, "keep a multiple of this many channels per group (e.g. 8 for SIMD)")
+    bn_recalibration: int = option(1000, "re-estimate BatchNorm statistics on this many calib/train images after "
+                                         "pruning, before fine-tuning (0: off)")
 
     def validate(self) -> None:
         if (self.ratio is None) == (self.flops_target is None):
@@ -46,6 +48,8 @@ class PruneConfig(MethodConfig):
             raise UserError(f"lr must be positive, got {self.lr}")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.bn_recalibration < 0:
+            raise UserError(f"bn_recalibration is a number of images, 0 or more, got {self.bn_recalibration}")
         if self.round_to is not None and self.round_to < 1:
             raise UserError(f"round_to must be at least 1, got {self.round_to}")
 
@@ -75,13 +79,14 @@ class ImportancePruneMethod(Method):
             with status(f"searching the ratio for {cfg.flops_target:g} of the FLOPs"):
                 ratio = find_ratio(model, example, scores, cfg.flops_target, cfg.round_to)
         prune_channels(model, example, scores, ratio=ratio, round_to=cfg.round_to)
+        bn_done = recalibrate_bn(model, ctx, cfg.bn_recalibration) if cfg.bn_recalibration else False
         after = {"params": count_params(model), "flops": count_flops(model, shape)}
         log(f"pruned {self.name}: ratio {ratio:.3f}, FLOPs {before['flops'] / 1e6:.1f}M -> {after['flops'] / 1e6:.1f}M, "
             f"params {before['params'] / 1e3:.0f}k -> {after['params'] / 1e3:.0f}k")
         entry: dict[str, Any] = {"stage": "prune", "method": self.name, "config": asdict(cfg), "ratio": round(ratio, 4),
                                  "params_before": before["params"], "params_after": after["params"],
                                  "flops_before": before["flops"], "flops_after": after["flops"],
-                                 "seconds_prune": round(time.perf_counter() - t0, 2)}
+                                 "bn_recalibrated": bn_done, "seconds_prune": round(time.perf_counter() - t0, 2)}
         if cfg.finetune_epochs:
             epochs: list[dict] = []
             finetune(model, ctx, cfg.finetune_epochs, cfg.lr, cfg.batch_size, teacher=teacher,
