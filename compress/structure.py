@@ -19,6 +19,10 @@ EDITS: Registry[Callable[[nn.Module, dict], nn.Module]] = Registry("structure ed
 
 
 def replay(model: nn.Module, edits: list[dict]) -> nn.Module:
+    if edits:  # the families register their edits on import; a fresh process may not have imported them yet
+        import compress.lowrank  # noqa: F401
+        import compress.prune  # noqa: F401
+        import compress.quantize  # noqa: F401
     for edit in edits:
         model = EDITS.get(edit["kind"])(model, edit)
     return model

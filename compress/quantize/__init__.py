@@ -3,3 +3,5 @@ from compress.registry import Registry
 from compress.stages import Method
 
 METHODS: Registry[Method] = Registry("quantization method")
+
+from compress.quantize import minmax  # noqa: E402,F401 - registers `minmax` (and the "quantize" structure edit)
