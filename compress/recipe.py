@@ -83,10 +83,21 @@ class Recipe:
         return {k: v for k, v in asdict(self).items() if v not in (None, {}, []) and not (k == "trust_pickle" and not v)}
 
     def save(self, path: Path) -> None:
+        """Write the recipe with paths relative to its own folder (how `Recipe.load` reads them back).
+
+        Explicit per-stage output paths are dropped: a replayed recipe writes into its own output folder.
+        """
         from compress.fileio import atomic_path
 
-        with atomic_path(Path(path)) as tmp:
-            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        path = Path(path)
+        base = path.resolve().parent
+        d = self.to_dict()
+        d["model"] = _relative(d["model"], base)
+        d["data"] = {role: ([_relative_spec(v, base) for v in val] if isinstance(val, list) else _relative_spec(val, base))
+                     for role, val in d.get("data", {}).items()}
+        d["stages"] = [{k: v for k, v in s.items() if k != "output"} for s in d["stages"]]
+        with atomic_path(path) as tmp:
+            tmp.write_text(yaml.safe_dump({k: v for k, v in d.items() if v not in ({}, None)}, sort_keys=False))
 
 
 def _rebase(p: str, base: Path) -> str:
@@ -103,3 +114,18 @@ def _rebase_spec(spec: str | None, base: Path) -> str | None:
     if kind == "random":
         return spec
     return _rebase(spec, base)
+
+
+def _relative(p: str, base: Path) -> str:
+    import os
+
+    return os.path.relpath(Path(p).resolve(), base)
+
+
+def _relative_spec(spec: str, base: Path) -> str:
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("cifar10", "npz", "folder"):
+        return f"{kind}:{_relative(rest, base)}"
+    if kind == "random":
+        return spec
+    return _relative(spec, base)
