@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from compress.data import batches
 from compress.errors import UserError
+from compress.progress import log as note
 from compress.progress import track
 from compress.stages import Context
 
@@ -68,9 +69,11 @@ def finetune(model: nn.Module, ctx: Context, epochs: int, lr: float = 0.01, batc
             loss_sum, n, step = loss_sum + loss.item() * len(x), n + len(x), step + 1
             if step >= total:
                 break
+        record = {"epoch": epoch + 1, "steps": step, "loss": loss_sum / max(1, n),
+                  "seconds": round(time.perf_counter() - start, 2)}
+        note(f"fine-tune epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f}, {record['seconds']:.0f} s")
         if log is not None:
-            log.append({"epoch": epoch + 1, "steps": step, "loss": loss_sum / max(1, n),
-                        "seconds": round(time.perf_counter() - start, 2)})
+            log.append(record)
         if step >= total:
             break
     return model.eval()
