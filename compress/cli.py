@@ -201,28 +201,99 @@ def export(model: Path, fmt: str, precision: str, output: Path | None, as_json: 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--runtime", help="onnxruntime | openvino | torch (default: from the file type).")
-@click.option("--device", default="local", show_default=True, help="Where to run: local.")
+@click.option("--runtime", help="onnxruntime | openvino | tensorrt | torch (default: from the file type).")
+@click.option("--device", default="local", show_default=True,
+              help="Where to run: local | ssh://user@host[:port][?k=v] | adb[:SERIAL][?k=v] | estimate:NAME | cuda[:N].")
 @click.option("--threads", type=int, help="Intra-op threads (default: the runtime's).")
 @click.option("--warmup", type=int, default=20, show_default=True)
 @click.option("--iterations", type=int, default=200, show_default=True)
 @click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--budget", help="Fail (exit 1) past these limits, e.g. latency.p90=2ms,memory.peak=80MB,size=5MB,"
+                               "accuracy.drop=0.5 (metrics and units: see compress/gates.py).")
+@click.option("--baseline", type=click.Path(path_type=Path),
+              help="A previous profile JSON: fail if significantly slower (Mann-Whitney U on the runs) by more "
+                   "than --max-slowdown; its accuracy record, if any, is the accuracy.drop reference.")
+@click.option("--max-slowdown", default="5%", show_default=True, help="Smallest slowdown vs --baseline that fails.")
+@click.option("--alpha", type=float, default=0.01, show_default=True, help="Significance level of the comparison.")
+@click.option("--accuracy-data", help="Labeled data to measure the artifact's top-1 on, e.g. cifar10:test.npz "
+                                      "(stored in the profile as `accuracy`).")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="Model or artifact whose top-1 on --accuracy-data is the accuracy.drop reference.")
+@click.option("--reference-arch", help="Architecture of --reference when it is a state dict (e.g. resnet20).")
+@click.option("--junit", type=click.Path(path_type=Path), help="Write the gates as JUnit XML (one testcase each).")
+@click.option("--summary", type=click.Path(path_type=Path), help="Write a markdown summary (for $GITHUB_STEP_SUMMARY).")
 @output_options
 def profile(artifact: Path, runtime: str | None, device: str, threads: int | None, warmup: int, iterations: int,
-            batch: int, output: Path | None, as_json: bool) -> None:
-    """Measure load time, latency (p50/p90/p99, CI) and peak memory of ARTIFACT in a fresh process."""
-    from compress.fileio import atomic_path
-    from devices import profile_artifact
-    from devices.profile import render_table
+            batch: int, budget: str | None, baseline: Path | None, max_slowdown: str, alpha: float,
+            accuracy_data: str | None, reference: Path | None, reference_arch: str | None, junit: Path | None,
+            summary: Path | None, output: Path | None, as_json: bool) -> None:
+    """Measure load time, latency (p50/p90/p99, CI) and peak memory of ARTIFACT in a fresh process.
 
+    With --budget and/or --baseline it is a CI gate: exit 1 when a budget is exceeded or the artifact is
+    significantly slower than the baseline, 0 otherwise. ARTIFACT may also be a profile JSON written before
+    (-o): then it is gated as it is, without measuring again.
+    """
+    from compress import gates
+    from compress.fileio import atomic_path
+    from compress.report import console
+    from devices.profile import load_profile, render_table
+
+    # everything a typo can break is checked before the (slow) measurement
+    budgets = gates.parse_budget(budget)
+    slowdown = gates.parse_fraction(max_slowdown, "--max-slowdown")
+    if not 0 < alpha < 1:
+        raise UserError(f"--alpha must be between 0 and 1 (got {alpha})")
+    base = load_profile(baseline) if baseline else None
+    if reference and not accuracy_data:
+        raise UserError("--reference is evaluated on --accuracy-data: give both")
+    if gates.needs_accuracy(budgets) and not accuracy_data and not artifact.suffix.lower() == ".json":
+        raise UserError("an accuracy budget needs --accuracy-data cifar10:PATH (labeled data to measure top-1 on)")
+    if gates.needs_reference(budgets) and not reference and not (base and base.get("accuracy")):
+        raise UserError("accuracy.drop needs a reference: --reference MODEL_OR_ARTIFACT, or a --baseline profile "
+                        "written with --accuracy-data")
     if not artifact.exists():
         raise UserError(f"artifact not found: {artifact}")
-    prof = profile_artifact(str(artifact), runtime=runtime, device=device, threads=threads, warmup=warmup,
-                            iterations=iterations, batch=batch)
-    if output:
+
+    if artifact.suffix.lower() == ".json":  # an earlier profile: gate it as it is
+        prof = load_profile(artifact)
+        measured = Path(prof["artifact"]["path"])
+        if accuracy_data:
+            if not measured.exists():
+                raise UserError(f"--accuracy-data: the profiled artifact {measured} is not here to evaluate")
+            prof["accuracy"] = gates.measure_accuracy(measured, accuracy_data, prof["runtime"]["name"])
+    else:
+        from devices import profile_artifact
+
+        prof = profile_artifact(str(artifact), runtime=runtime, device=device, threads=threads, warmup=warmup,
+                                iterations=iterations, batch=batch)
+        if accuracy_data:
+            prof["accuracy"] = gates.measure_accuracy(artifact, accuracy_data, runtime)
+    ref = [gates.measure_accuracy(reference, accuracy_data, arch=reference_arch)] if reference else None
+    if output and artifact.resolve() != Path(output).resolve():
         with atomic_path(output) as tmp:
             tmp.write_text(json.dumps(prof, indent=2))
-    _emit(prof, as_json, lambda: render_table([prof]))
+
+    report = None
+    if budgets or base is not None:
+        acc = [prof["accuracy"]] if prof.get("accuracy") else None
+        report = gates.evaluate(prof, budgets, base, acc, ref, alpha, slowdown)
+        if junit:
+            gates.write_text_atomic(junit, gates.to_junit(report))
+        if summary:
+            gates.write_text_atomic(summary, gates.to_markdown(report, prof))
+
+    def human() -> None:
+        console.print(render_table([prof]))
+        if prof.get("accuracy"):
+            a = prof["accuracy"]
+            ref_text = f" (reference {ref[0]['top1']:.2f}%)" if ref else ""
+            console.print(f"top-1 {a['top1']:.2f}% on {Path(a['data']).name} (n={a['n']}){ref_text}")
+        for renderable in gates.render(report) if report else []:
+            console.print(renderable)
+
+    _emit({**prof, "gates": report} if report else prof, as_json, human)
+    if report and not report["passed"]:
+        raise GateFailed(gates.failure_line(report))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -238,6 +309,49 @@ def run(recipe: Path, output: Path | None, as_json: bool) -> None:
     rows = result.rows(list(pipe.eval_sets))
     _emit({"manifest": result.manifest_path, "table": rows}, as_json, lambda: print_run(rows, result, pipe))
 
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-n", "--samples", type=int, default=1024, show_default=True, help="Images to synthesize.")
+@click.option("--preset", type=click.Choice(["paper", "fast", "smoke"]), default="paper", show_default=True,
+              help="Genie-D budget: paper (4000 iterations per batch of 128, generator width 128: GPU-hours), "
+                   "fast (200 iterations, width 64: minutes per 128 images on a CPU), smoke.")
+@click.option("--iters", type=int, help="Iterations per batch (overrides the preset).")
+@click.option("--batch", type=int, help="Images per generator batch (overrides the preset).")
+@click.option("--gen-width", type=int, help="Generator width c1; c2 = c1 / 2 (overrides the preset).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@model_options
+@output_options
+def synthesize(model: Path, samples: int, preset: str, iters: int | None, batch: int | None, gen_width: int | None,
+               seed: int, output: Path | None, as_json: bool, **kw) -> None:
+    """Synthesize calibration images from MODEL's BatchNorm statistics (Genie-D): no real data needed.
+
+    Writes an .npz with `x` (uint8 NHWC, de-normalized and clipped: any data loader reads it) and
+    `x_normalized` (float32 NCHW in the model's normalized input space: lossless; `--method genie` prefers it).
+    """
+    from compress.fileio import ensure_writable_dir
+    from compress.quantize.genie import PRESETS
+    from compress.quantize.genie_data import SynthesisConfig, save_npz
+    from compress.quantize.genie_data import synthesize as run_synthesis
+    from compress.report import print_kv
+
+    out = Path(output) if output else Path(f"{model.stem}.genie{samples}.npz")
+    if out.suffix != ".npz":
+        raise UserError(f"-o {out}: synthetic data is written as .npz")
+    ensure_writable_dir(out.parent if str(out.parent) else Path("."))
+    lm = _recipe_load(model, kw)
+    lm.require_compressible("synthesize")
+    p = PRESETS[preset]
+    width = gen_width or p["gen_width"]
+    cfg = SynthesisConfig(samples=samples, batch=min(batch or p["distill_batch"], samples),
+                          iters=iters or p["distill_iters"], gen_c1=width, gen_c2=max(1, width // 2), seed=seed)
+    x, summary = run_synthesis(lm.model, lm.spec.shape, cfg)
+    info = save_npz(out, x, lm.spec.mean, lm.spec.std, f"genie-d:{Path(lm.source).name}")
+    last = [b["last"]["loss"] for b in summary["batches"]]
+    first = [b["first"]["loss"] for b in summary["batches"]]
+    payload = {**info, "seconds": summary["seconds"], "iters": cfg.iters, "batch": cfg.batch, "gen_width": width,
+               "bn_layers": summary["bn_layers"], "loss_first": max(first), "loss_last": max(last)}
+    _emit(payload, as_json, lambda: print_kv(f"Genie-D -> {out}", payload))
 
 def main() -> None:
     if not os.environ.get("COMPRESS_DEBUG"):

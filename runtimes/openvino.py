@@ -17,8 +17,13 @@ class OpenVINOSession(Session):
         self._out = compiled.output(0)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        # share_inputs: no copy of the (already contiguous) input; outputs are copied, the caller may keep them
-        return self._request.infer([x], share_inputs=True)[self._out]
+        # bind the input without a copy and call the bare infer(): the infer([x]) convenience wrapper costs ~6%
+        # at ResNet-20 size (measured against benchmark_app); the output is copied, the caller may keep it
+        import openvino as ov
+
+        self._request.set_input_tensor(ov.Tensor(np.ascontiguousarray(x), shared_memory=True))
+        self._request.infer()
+        return self._request.get_output_tensor(0).data.copy()
 
     def close(self) -> None:
         self._request = self._compiled = None

@@ -106,7 +106,7 @@ def test_default_runtime_by_suffix():
         ["onnxruntime", "onnxruntime", "openvino", "torch", "torch", "torch", "tensorrt"]
     with pytest.raises(UserError, match="--runtime"):
         default_runtime_for("model.bin")
-    assert RUNTIMES.names() == ["onnxruntime", "openvino", "torch"]
+    assert RUNTIMES.names() == ["onnxruntime", "openvino", "tensorrt", "torch"]
 
 
 def test_named_runtime_reads_any_suffix(artifacts, tmp_path):
@@ -124,7 +124,7 @@ def test_bad_artifacts_are_user_errors(artifacts, tmp_path):
              (tmp_path / "garbage.xml", None, "OpenVINO cannot load"),
              (artifacts["state_dict"], None, "does not unpickle"),
              (artifacts[".onnx"], "tflite", "unknown runtime"),
-             (tmp_path / "m.engine", None, "unknown runtime 'tensorrt'")]
+             (tmp_path / "m.engine", None, "not found")]
     for path, runtime, message in cases:
         with pytest.raises(UserError, match=message):
             open_session(path, runtime)
