@@ -188,22 +188,50 @@ class Pipeline:
                                "parity": a["parity"]} for a in made]}
 
     def _stage_profile(self, stage: dict) -> dict:
+        """Profile every artifact; with `budget:` ({metric: limit} or "metric=limit,..."), gate each one.
+
+        Budgets are those of `compress profile --budget` (compress/gates.py); accuracy.drop compares each artifact's
+        top-1 with the original model's on the recipe's eval sets (the worst set counts). A violated budget fails
+        the run (exit 1) after every artifact was profiled and its profile and gate report written.
+        """
+        from compress import gates
         from devices import profile_artifact
+        from runtimes import default_runtime_for
 
         if not self.result.artifacts:
             raise UserError("profile stage: nothing exported yet (add an export stage before it)")
-        opts = {k: v for k, v in stage.items() if k not in ("stage", "artifacts")}
-        done = []
+        budgets = gates.parse_budget(stage.get("budget"))
+        if gates.needs_accuracy(budgets) and not self.eval_sets:
+            raise UserError("profile stage: an accuracy budget needs eval data (data: eval: [...]) in the recipe")
+        opts = {k: v for k, v in stage.items() if k not in ("stage", "artifacts", "budget")}
+        done, failed = [], []
         for art in self.result.artifacts:
-            runtime = {"onnx": "onnxruntime", "openvino": "openvino"}.get(art["format"], art["format"])
+            runtime = {"onnx": "onnxruntime", "openvino": "openvino", "ort": "onnxruntime"}.get(art["format"]) \
+                or default_runtime_for(art["path"])
             log(f"[bold]profile[/] {Path(art['path']).name} on {runtime}")
             prof = profile_artifact(art["path"], runtime=runtime, **opts)
             prof_path = Path(art["path"]).with_name(Path(art["path"]).name + ".profile.json")
             with atomic_path(prof_path) as tmp:
                 tmp.write_text(json.dumps(prof, indent=2))
-            self.result.profiles.append({**prof, "artifact": art["path"], "path": str(prof_path)})
+            entry = {**prof, "artifact": art["path"], "path": str(prof_path)}
+            if budgets:
+                reference = self.result.variants["original"].metrics.get("accuracy", {})
+                report = gates.evaluate(prof, budgets,
+                                        accuracy=[gates.accuracy_record(v, k) for k, v in art.get("accuracy", {}).items()],
+                                        reference=[gates.accuracy_record(v, k) for k, v in reference.items()])
+                gates_path = Path(art["path"]).with_name(Path(art["path"]).name + ".gates.json")
+                with atomic_path(gates_path) as tmp:
+                    tmp.write_text(json.dumps(_jsonable(report), indent=2))
+                entry["gates"] = {"passed": report["passed"], "failures": report["failures"], "path": str(gates_path)}
+                if not report["passed"]:
+                    failed.append(f"{Path(art['path']).name}: {'; '.join(report['failures'])}")
+            self.result.profiles.append(entry)
             done.append(str(prof_path))
-        return {"profiles": done}
+        if failed:
+            from compress.errors import GateFailed
+
+            raise GateFailed(f"profile budget failed for {len(failed)} artifact(s): {' | '.join(failed)}")
+        return {"profiles": done, **({"budget": [b.text for b in budgets]} if budgets else {})}
 
     # ---- helpers -----------------------------------------------------------------------------------------
     def _unique(self, name: str) -> str:

@@ -14,6 +14,8 @@ RUNTIMES: Registry[Runtime] = Registry("runtime")
 RUNTIMES.add("onnxruntime", Runtime("onnxruntime", "runtimes.onnxruntime", "onnxruntime", "pip install onnxruntime"))
 RUNTIMES.add("openvino", Runtime("openvino", "runtimes.openvino", "openvino", "pip install openvino"))
 RUNTIMES.add("torch", Runtime("torch", "runtimes.torch", "torch", "pip install torch"))
+RUNTIMES.add("tensorrt", Runtime("tensorrt", "runtimes.tensorrt", "tensorrt",
+                                  "pip install tensorrt (from NVIDIA's index) on a machine with an NVIDIA GPU"))
 
 
 def open_session(path: str | Path, runtime: str | None = None, threads: int | None = None) -> Session:
