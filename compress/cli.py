@@ -134,7 +134,7 @@ def eval_(model: Path, data: tuple[str, ...], runtime: str | None, batch_size: i
     """Top-1 accuracy of MODEL (a torch model or an ONNX / OpenVINO artifact) on labeled data."""
     from compress.report import evaluate_any, print_kv
 
-    result = evaluate_any(model, list(data), runtime, batch_size, kw, _recipe_load)
+    result = evaluate_any(model, list(data), runtime, batch_size, kw)
     _emit(result, as_json, lambda: print_kv("accuracy (top-1 %)", result["accuracy"]))
 
 
@@ -181,7 +181,7 @@ lowrank = _compress_verb("lowrank", "Factorize MODEL's Linear and Conv layers in
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", default="onnx", show_default=True, help="onnx | openvino (see `compress export --help`).")
+@click.option("--format", "fmt", default="onnx", show_default=True, help="onnx | openvino | ort | tensorrt.")
 @click.option("--precision", default="auto", show_default=True,
               help="auto (the model's own) | fp32 | fp16 | int8 (needs a quantized model).")
 @model_options

@@ -226,20 +226,22 @@ def accuracy_drop(current: list[dict], reference: list[dict]) -> tuple[float, st
 
 
 # artifacts a runtime opens; any other model file is loaded by compress.io (state dict + arch, .pt2, TorchScript, ...)
-_RUNTIME_SUFFIXES = {".onnx": "onnxruntime", ".ort": "onnxruntime", ".xml": "openvino", ".engine": "tensorrt",
-                     ".plan": "tensorrt"}
-
-
 def measure_accuracy(path: str | Path, data: str, runtime: str | None = None, arch: str | None = None,
-                     batch_size: int = 256) -> dict:
-    """Top-1 of a model or artifact on labeled data -> an accuracy record (with the data's fingerprint)."""
+                     batch_size: int = 256, load_kw: dict | None = None) -> dict:
+    """Top-1 of a model or artifact on labeled data -> an accuracy record (with the data's fingerprint).
+
+    Artifacts (.onnx, .ort, .xml, .engine) run on their runtime; anything else loads as a torch model
+    (load_kw: trust_pickle / input_shape, as compress.io.load_model takes them).
+    """
     from compress.data import Normalizer, load_dataset
     from compress.metrics import predict, top1
+    from runtimes.base import ARTIFACT_RUNTIMES
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"model file not found: {path}")
-    runtime = runtime or _RUNTIME_SUFFIXES.get(path.suffix.lower())
+    torch_suffixes = (".pt", ".pth", ".th", ".pt2", ".ts")  # the torch runtime is for profiling; accuracy loads the model
+    runtime = runtime or (None if path.suffix.lower() in torch_suffixes else ARTIFACT_RUNTIMES.get(path.suffix.lower()))
     if runtime:
         from runtimes import open_session
 
@@ -251,7 +253,7 @@ def measure_accuracy(path: str | Path, data: str, runtime: str | None = None, ar
     else:
         from compress.io import load_model
 
-        lm = load_model(path, arch=arch)
+        lm = load_model(path, arch=arch, **(load_kw or {}))
         shape, mean, std = lm.spec.shape, lm.spec.mean, lm.spec.std
         lm.model.eval()
         forward = lambda x: lm.model(x).detach().numpy()  # noqa: E731
@@ -263,9 +265,11 @@ def measure_accuracy(path: str | Path, data: str, runtime: str | None = None, ar
 
 
 def artifact_normalization(path: Path) -> tuple[tuple, tuple]:
-    """mean/std from a sidecar (the .ort export's <stem>.json, a model.json) or the CIFAR defaults."""
+    """An artifact carries no normalization: read mean/std from its sidecar (the .ort export's <stem>.json, a
+    model.json) or from the manifest.json of the run that exported it; else the CIFAR defaults, said aloud."""
     import json
 
+    from compress.progress import log
     from compress.zoo import CIFAR_MEAN, CIFAR_STD
 
     for side in (path.with_suffix(".json"), path.with_name("model.json"), Path(f"{path}.json")):
@@ -276,6 +280,13 @@ def artifact_normalization(path: Path) -> tuple[tuple, tuple]:
         for key in ("normalization", "input"):
             if isinstance(d.get(key), dict) and "mean" in d[key] and "std" in d[key]:
                 return tuple(d[key]["mean"]), tuple(d[key]["std"])
+    try:
+        for art in json.loads(path.with_name("manifest.json").read_text()).get("artifacts", []):
+            if Path(art.get("path", "")).resolve() == path.resolve():
+                return tuple(art["input"]["mean"]), tuple(art["input"]["std"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    log(f"{path.name}: no normalization recorded beside it; using the CIFAR default mean/std")
     return CIFAR_MEAN, CIFAR_STD
 
 

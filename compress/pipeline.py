@@ -20,7 +20,7 @@ import torch
 
 from compress import __version__
 from compress.data import Dataset, load_dataset
-from compress.errors import UserError
+from compress.errors import GateFailed, UserError
 from compress.fileio import atomic_path, ensure_writable_dir, sha256_file
 from compress.io import LoadedModel, load_model, save_model
 from compress.metrics import count_flops, count_params, evaluate, predict, state_dict_bytes, top1
@@ -108,6 +108,10 @@ class Pipeline:
 
                 for f in s.get("formats", ["onnx"]):
                     EXPORTERS.get(f)
+            elif s["stage"] == "profile" and s.get("budget"):
+                from compress.gates import parse_budget
+
+                parse_budget(s["budget"])
 
     def _load(self) -> None:
         r = self.recipe
@@ -128,12 +132,18 @@ class Pipeline:
     def run(self) -> RunResult:
         self._validate()
         self._load()
-        for i, stage in enumerate(self.recipe.stages):
-            t0 = time.perf_counter()
-            kind = stage["stage"]
-            record = getattr(self, f"_stage_{kind}")(stage) or {}
-            record = {"index": i, "stage": kind, **record, "seconds": round(time.perf_counter() - t0, 2)}
-            self.result.stages.append(record)
+        try:
+            for i, stage in enumerate(self.recipe.stages):
+                t0 = time.perf_counter()
+                kind = stage["stage"]
+                record = getattr(self, f"_stage_{kind}")(stage) or {}
+                record = {"index": i, "stage": kind, **record, "seconds": round(time.perf_counter() - t0, 2)}
+                self.result.stages.append(record)
+        except GateFailed as failure:
+            # every artifact so far is complete: record the run, then fail it (a CI job wants both)
+            if self.write_manifest:
+                self.result.manifest_path = str(self._write_manifest(status=f"gate failed: {failure}"))
+            raise
         if self.write_manifest:
             self.result.manifest_path = str(self._write_manifest())
         return self.result
@@ -262,7 +272,7 @@ class Pipeline:
     def _accuracy_artifact(self, art: dict) -> dict[str, float]:
         from runtimes import open_session
 
-        session = open_session(art["path"], {"onnx": "onnxruntime", "openvino": "openvino"}[art["format"]])
+        session = open_session(art["path"])  # the runtime follows the artifact's suffix
         norm = self.ctx.normalizer()
         return {name: round(top1(predict(lambda x: session.run(x.numpy()), ds, norm, description=f"evaluate {Path(art['path']).name}"), ds.labels), 2)
                 for name, ds in self.eval_sets.items()}
@@ -273,10 +283,11 @@ class Pipeline:
             return None
         return self.ctx.normalizer()(ds.images[:64], ds.prenormalized)
 
-    def _write_manifest(self) -> Path:
+    def _write_manifest(self, status: str = "ok") -> Path:
         orig = self.result.variants["original"].lm
         manifest = {
             "schema": "compress.manifest/1",
+            "status": status,
             "created": self.started.isoformat(timespec="seconds"),
             "tool": {"name": "edge-compress", "version": __version__},
             "environment": {"python": platform.python_version(), "platform": platform.platform(),

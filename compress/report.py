@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
 from rich.console import Console
@@ -15,7 +15,6 @@ import sys
 
 # a pipe or CI log is not 80 columns wide: keep tables readable there
 console = Console() if sys.stdout.isatty() else Console(width=160)
-ARTIFACT_RUNTIMES = {".onnx": "onnxruntime", ".ort": "onnxruntime", ".xml": "openvino"}
 
 
 def fmt_count(n: float | None) -> str:
@@ -69,48 +68,15 @@ def print_info(d: dict) -> None:
     console.print(t)
 
 
-def evaluate_any(path: Path, data: list[str], runtime: str | None, batch_size: int, kw: dict,
-                 loader: Callable[[Path, dict], LoadedModel]) -> dict:
-    from compress.data import Normalizer, load_dataset
-    from compress.metrics import predict, top1
+def evaluate_any(path: Path, data: list[str], runtime: str | None, batch_size: int, kw: dict) -> dict:
+    """Top-1 of a torch model or an artifact (on its runtime) on each labeled data set."""
+    from compress.gates import measure_accuracy
 
-    if not Path(path).exists():
-        raise UserError(f"model file not found: {path}")
-    runtime = runtime or ARTIFACT_RUNTIMES.get(Path(path).suffix)
-    if runtime:
-        from runtimes import open_session
-
-        session = open_session(path, runtime)
-        shape = tuple(session.inputs[0]["shape"][1:]) if getattr(session, "inputs", None) else (3, 32, 32)
-        mean, std = _artifact_normalization(path)
-        forward = lambda x: session.run(x.numpy())  # noqa: E731
-    else:
-        lm = loader(path, kw)
-        shape, mean, std = lm.spec.shape, lm.spec.mean, lm.spec.std
-        forward = lambda x: lm.model(x).detach().numpy()  # noqa: E731
-    norm = Normalizer(mean, std)
-    acc = {}
-    for spec in data:
-        ds = load_dataset(spec, tuple(shape))
-        if ds.labels is None:
-            raise UserError(f"{spec} has no labels ('y'): accuracy needs labeled data")
-        acc[Path(ds.source).stem] = round(top1(predict(forward, ds, norm, batch_size), ds.labels), 2)
-    return {"model": str(path), "runtime": runtime or "torch", "accuracy": acc}
-
-
-def _artifact_normalization(path: Path) -> tuple[tuple, tuple]:
-    """An artifact carries no normalization; use the sidecar manifest when present, else the zoo default."""
-    import json
-
-    from compress.zoo import CIFAR_MEAN, CIFAR_STD
-
-    for side in (Path(path).with_name("model.json"), Path(str(path) + ".json")):
-        if side.is_file():
-            d = json.loads(side.read_text())
-            inp = d.get("input", d)
-            if "mean" in inp and "std" in inp:
-                return tuple(inp["mean"]), tuple(inp["std"])
-    return CIFAR_MEAN, CIFAR_STD
+    shape = tuple(int(s) for s in kw["input_shape"].split(",")) if kw.get("input_shape") else None
+    load_kw = {"trust_pickle": kw.get("trust_pickle", False), "input_shape": shape}
+    records = [measure_accuracy(path, spec, runtime, kw.get("arch"), batch_size, load_kw) for spec in data]
+    return {"model": str(path), "runtime": records[0]["runtime"] if records else None,
+            "accuracy": {Path(r["data"]).stem: round(r["top1"], 2) for r in records}}
 
 
 def print_kv(title: str, d: dict[str, Any]) -> None:

@@ -45,7 +45,7 @@ def export_onnx(model: nn.Module, spec: InputSpec, out: Path, precision: str = "
             proto = fold_weight_quantizers(proto)
         if precision == "fp16":
             proto = _to_fp16(proto)
-            notes.append("FP16 weights and compute; inputs and outputs stay FP32")
+            notes.append("FP16 weights; inputs and outputs stay FP32; FP16 compute only where the runtime has FP16 kernels")
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
         art = Artifact(str(out), "onnx", precision, _input_dict(spec), [OUTPUT_NAME], notes=notes)
@@ -73,7 +73,27 @@ def _torch_to_onnx(model: nn.Module, spec: InputSpec, path: Path, opset: int) ->
 def _to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    return convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+    proto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+    return _topological_sort(proto)  # the converter appends its input Casts after their consumers
+
+
+def _topological_sort(proto: onnx.ModelProto) -> onnx.ModelProto:
+    graph = proto.graph
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        progressed = False
+        for node in list(pending):
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+                pending.remove(node)
+                progressed = True
+        if not progressed:
+            raise UserError("FP16 conversion produced a graph with a cycle or a missing input")
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return proto
 
 
 def _input_dict(spec: InputSpec) -> dict:

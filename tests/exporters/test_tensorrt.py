@@ -195,10 +195,7 @@ def _fake_tensorrt(version: str, calls: list, with_precision_flags: bool = True)
     ("10.8.0", True, "fp32", {"network_flags": 0, "flags": [], "graph": "fp32-graph"}),
     ("10.8.0", True, "fp16", {"network_flags": 0, "flags": ["FP16"], "graph": "fp32-graph"}),
     ("8.6.1", True, "fp16", {"network_flags": 1, "flags": ["FP16"], "graph": "fp32-graph"}),  # EXPLICIT_BATCH < 10
-    pytest.param("11.0.0", False, "fp16", {"network_flags": 1 << 5, "flags": [], "graph": "fp16-graph"},  # strongly typed
-                 marks=pytest.mark.xfail(reason="exporters/onnx.py FP16 export fails onnx.checker (input Cast node "
-                                                "out of topological order with onnxruntime 1.32's float16 converter)",
-                                         strict=False)),
+    ("11.0.0", False, "fp16", {"network_flags": 1 << 5, "flags": [], "graph": "fp16-graph"}),  # strongly typed
 ])
 def test_engine_build_calls(resnet20, tmp_path, monkeypatch, version, flags, precision, expect):
     import exporters.tensorrt as trt_exporter
