@@ -281,7 +281,7 @@ class Pipeline:
         ds = next(iter(self.eval_sets.values()), None) or self.ctx.dataset("calib")
         if ds is None:
             return None
-        return self.ctx.normalizer()(ds.images[:64], ds.prenormalized)
+        return self.ctx.normalizer()(ds.images[:256], ds.prenormalized)
 
     def _write_manifest(self, status: str = "ok") -> Path:
         orig = self.result.variants["original"].lm
