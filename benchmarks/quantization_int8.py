@@ -82,9 +82,9 @@ def accuracy(sess: ort.InferenceSession, ds: Dataset, norm, what: str) -> float:
     return top1(np.concatenate(logits), ds.labels)
 
 
-def latency(paths: dict[str, Path], threads: int, rounds: int, per_round: int, warmup: int) -> dict:
-    """Interleaved batch-1 timing: each round runs every model `per_round` times, in a rotating order."""
-    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+def latency(paths: dict[str, Path], threads: int, rounds: int, per_round: int, warmup: int, batch: int = 1) -> dict:
+    """Interleaved timing: each round runs every model `per_round` times, in a rotating order."""
+    x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
     sessions = {name: session(p, threads) for name, p in paths.items()}
     for s in sessions.values():
         for _ in range(warmup):
@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--per-round", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--batches", default="8,32", help="extra batch sizes for the sweep (the bar is at batch 1)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     env = environment(args.threads)
@@ -195,6 +196,11 @@ def main() -> None:
         lat = latency(paths, args.threads, args.rounds, args.per_round, args.warmup)
         for name in models:
             models[name]["latency_b1"] = lat[name]
+        sweep = {}
+        for b in [int(v) for v in args.batches.split(",") if v]:
+            lat_b = latency(paths, args.threads, max(10, args.rounds // 4), max(5, args.per_round // 4), 20, batch=b)
+            sweep[b] = {name: {"p50_ms": v["p50_ms"], "p50_ms_per_image": v["p50_ms"] / b,
+                               "speedup_p50": v.get("speedup_p50", 1.0)} for name, v in lat_b.items()}
 
     env["loadavg_end"] = list(os.getloadavg())
     fp = models["fp32"]["top1"][BAR["on"]]
@@ -213,7 +219,7 @@ def main() -> None:
                               "QUInt8 activations, QInt8 weights, MinMax calibration, quant_pre_process"},
               "latency_protocol": {"batch": 1, "warmup": args.warmup, "rounds": args.rounds,
                                    "per_round": args.per_round, "interleaved": True},
-              "bar": BAR, "verdict": verdict, "environment": env, "build_seconds": round(build_s, 1),
+              "batch_sweep": sweep, "bar": BAR, "verdict": verdict, "environment": env, "build_seconds": round(build_s, 1),
               "models": models}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quantization_int8.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -262,6 +268,13 @@ def markdown(r: dict) -> str:
               "first in layer2 and layer3):", ""]
     for name, p in k.items():
         lines.append(f"- {label[name]}: {', '.join(f'{us:.0f}' for _, us in p['conv_us_in_order'])}")
+    if r.get("batch_sweep"):
+        lines += ["", "Batch sweep (same protocol, fewer rounds; the bar above is at batch 1):", "",
+                  "| batch | " + " | ".join(f"{label[n]} ms/image" for n in r["models"]) + " | speedup ours | speedup ORT |",
+                  "|---|" + "---|" * (len(r["models"]) + 2)]
+        for b, row in r["batch_sweep"].items():
+            lines.append(f"| {b} | " + " | ".join(f"{row[n]['p50_ms_per_image']:.4f}" for n in r["models"]) +
+                         f" | {row['int8_ours']['speedup_p50']:.2f}x | {row['int8_ort']['speedup_p50']:.2f}x |")
     lines += ["", "## Findings", ""] + findings(r)
     return "\n".join(lines) + "\n"
 
