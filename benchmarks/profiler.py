@@ -266,12 +266,12 @@ def render_md(r: dict) -> str:
     if loads:
         lines += [f"Load average during the runs: {min(loads):.1f} - {max(loads):.1f} on {r['host']['cores']} cores "
                   "(other tenants of the machine), which is why every tool's round medians spread by several %.", ""]
-    lines += ["Where the OpenVINO difference comes from (each step measured above): runtimes/openvino.py runs "
-              "`InferRequest.infer([x], share_inputs=True)[output]`, whose Python-side input wrapping and OVDict "
-              "output cost ~6% over binding a shared Tensor, `infer()` and copying the output (ours/openvino vs "
-              "ov-python-loop); the remaining ~6% is the Python call itself, which benchmark_app leaves out because it "
-              "reports the request's C++-side latency (ov-python-loop vs benchmark_app). The ONNX Runtime pair, both "
-              "timed from Python around the same call, agree.", ""]
+    lines += ["History: a first run (load average ~10) had ours/openvino 12.3% above benchmark_app. About half was our "
+              "session calling `InferRequest.infer([x], share_inputs=True)[output]`, whose Python-side input wrapping "
+              "and OVDict output cost ~6%; runtimes/openvino.py now binds a shared Tensor, calls `infer()` and copies "
+              "the output, like the ov-python-loop reference. The rest of that gap did not reappear on this quieter "
+              "run; benchmark_app reports the request's C++-side latency, so a Python-timed tool can read slightly "
+              "higher on a busy machine.", ""]
     return "\n".join(lines)
 
 
