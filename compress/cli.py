@@ -345,6 +345,11 @@ def synthesize(model: Path, samples: int, preset: str, iters: int | None, batch:
     width = gen_width or p["gen_width"]
     cfg = SynthesisConfig(samples=samples, batch=min(batch or p["distill_batch"], samples),
                           iters=iters or p["distill_iters"], gen_c1=width, gen_c2=max(1, width // 2), seed=seed)
+    from compress.progress import log
+
+    batches = -(-cfg.samples // cfg.batch)
+    log(f"Genie-D: {batches} batch(es) of {cfg.batch} images x {cfg.iters} iterations"
+        + (" (the paper's budget: GPU-hours; --preset fast on a CPU)" if preset == "paper" and not iters else ""))
     x, summary = run_synthesis(lm.model, lm.spec.shape, cfg)
     info = save_npz(out, x, lm.spec.mean, lm.spec.std, f"genie-d:{Path(lm.source).name}")
     last = [b["last"]["loss"] for b in summary["batches"]]

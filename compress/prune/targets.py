@@ -1,0 +1,645 @@
+"""Budgets shared by the data-driven pruning methods: a channel ratio, a FLOPs target, or a measured latency target.
+
+`--latency-target MS` chooses per-group ratios from latency *measured on the target runtime*, not from FLOPs:
+
+1. A per-layer cost table: every distinct conv shape of the model (kernel, stride, input size, full widths) is
+   exported alone (Conv + ReLU) to ONNX at a grid of input/output widths (multiples of 8, at most 8 per
+   dimension) and timed with ONNX Runtime (batch 1, `latency_threads` threads). Runtimes pad channels to SIMD
+   blocks (ORT's NCHWc: 8 floats with AVX2, 16 with AVX-512): on such a CPU a 3x3 conv with 9 to 16 output
+   channels costs the same, so the table is a step function and widths between grid points cost the next one up. The table is cached as JSON under $COMPRESS_CACHE or ~/.cache/compress, keyed by
+   runtime + version, threads, CPU model and layer shape, so a second run measures nothing new.
+2. Calibration: the whole model is exported at three uniform widths and timed; latency ~= a + b * (sum of the
+   per-layer table entries) is fitted, which absorbs what single layers miss (BN folding, adds, shortcuts).
+3. Allocation: channels are removed greedily, one grid step of one group at a time (down to the next measured
+   width, so allocations land on block-aligned widths), always the step with the least importance per predicted
+   millisecond saved, until the predicted latency meets the target (a group keeps at least 20% of its width).
+   A channel's importance is its share of its group's total score (scores normalized per layer as the engine
+   does, divided by the group width), summed over the group's member layers: a channel of a narrow layer weighs
+   more than one of a wide layer, and a residual-stream channel (one filter in every block) more than one of a
+   single layer.
+4. The pruned model is exported and measured; if it misses the target the allocation is redone against a
+   proportionally lower internal target (up to three rounds); the least-thinned allocation that measured within
+   the target (2% tolerance) is kept. Predicted and measured latency of every round are recorded.
+
+On a shared machine the measurements are noisy (the table stores medians); the history says what was measured.
+`flops_target` for score-based methods uses the engine's uniform ratio (so every criterion is compared at the same
+per-layer widths); gate-based methods allocate FLOPs greedily by their learned channel frequencies.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from compress.errors import UserError
+from compress.finetune import finetune
+from compress.io import InputSpec, LoadedModel
+from compress.metrics import count_flops, count_params
+from compress.progress import log, status
+from compress.prune.base import ImportancePruneMethod, PruneConfig
+from compress.prune.engine import channel_groups, find_ratio, keep_sets, prune_to_keep
+from compress.prune.graph import ADD_FUNCS, CONV, NORM, PASS_FUNCS, PASS_MODULES, trace
+from compress.stages import Context, option
+
+MIN_KEEP_FRACTION = 0.2          # the greedy allocator never thins a group below this
+GRID_POINTS = 8  # the latency table measures at most this many widths per layer dimension
+
+
+# ---- config -----------------------------------------------------------------------------------------------
+
+@dataclass
+class TargetConfig(PruneConfig):
+    latency_target: float | None = option(None, "latency to reach in ms (batch 1) on the target runtime; per-group "
+                                                "ratios are chosen from a measured per-layer latency table")
+    latency_threads: int = option(1, "threads used when measuring latency for latency_target")
+
+    requires_target: ClassVar[bool] = True  # score methods need one budget; gate methods may learn their own
+
+    def validate(self) -> None:
+        given = [n for n in ("ratio", "flops_target", "latency_target") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise UserError(f"pruning: give one of ratio, flops_target or latency_target, not {' and '.join(given)}")
+        if not given and self.requires_target:
+            raise UserError("pruning: give one of ratio, flops_target or latency_target")
+        if self.latency_target is not None and self.latency_target <= 0:
+            raise UserError(f"latency_target is in milliseconds and must be positive, got {self.latency_target}")
+        if self.latency_threads < 1:
+            raise UserError(f"latency_threads must be at least 1, got {self.latency_threads}")
+        # the remaining shared checks (lr, epochs, ratio range ...) are PruneConfig's
+        probe = dataclasses.replace(self, ratio=self.ratio if self.ratio is not None else 0.5, flops_target=None) \
+            if self.flops_target is None else self
+        PruneConfig.validate(probe)
+
+
+# ---- the width model: which group sets each layer's in/out channels, and what that costs ------------------
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    linear: bool
+    c_in: int
+    c_out: int
+    in_group: str | None      # group whose width is this layer's input width (None: fixed, e.g. the image)
+    out_group: str | None     # group this layer's output channels belong to (None: never pruned)
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    depthwise: bool = False
+    groups: int = 1
+    in_hw: tuple[int, int] = (1, 1)
+    out_hw: tuple[int, int] = (1, 1)
+
+    def dims(self, widths: Mapping[str, int]) -> tuple[int, int]:
+        c_out = widths.get(self.out_group, self.c_out) if self.out_group else self.c_out
+        c_in = widths.get(self.in_group, self.c_in) if self.in_group else self.c_in
+        if self.depthwise:
+            c_in = c_out
+        return c_in, c_out
+
+    def macs(self, widths: Mapping[str, int]) -> float:
+        c_in, c_out = self.dims(widths)
+        if self.linear:
+            return float(c_in * c_out)
+        per_out = (1 if self.depthwise else c_in / self.groups) * self.kernel[0] * self.kernel[1]
+        return float(c_out * self.out_hw[0] * self.out_hw[1] * per_out)
+
+    def shape_key(self) -> str:
+        kind = "dw" if self.depthwise else f"g{self.groups}"
+        return (f"conv k{self.kernel[0]}x{self.kernel[1]} s{self.stride[0]}x{self.stride[1]} "
+                f"p{self.padding[0]}x{self.padding[1]} d{self.dilation[0]}x{self.dilation[1]} {kind} "
+                f"in{self.in_hw[0]}x{self.in_hw[1]} full{self.c_in}x{self.c_out}")
+
+
+class WidthModel:
+    """Layers, channel groups and an analytic cost (MACs) of any assignment of group widths."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor):
+        groups = channel_groups(model, example)
+        self.groups = {g.name: g for g in groups}
+        self.full = {g.name: g.channels for g in groups}
+        member_of = {m: g.name for g in groups for m in g.members}
+        modules = dict(model.named_modules())
+        gm = trace(model, "channel budgets")
+        producers = {n: n.target for n in gm.graph.nodes
+                     if n.op == "call_module" and isinstance(modules.get(n.target), (CONV, nn.Linear))}
+        hw: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
+        hooks = [modules[n].register_forward_hook(
+            lambda m, i, o, n=n: hw.__setitem__(n, (tuple(i[0].shape[2:4]) or (1, 1), tuple(o.shape[2:4]) or (1, 1))))
+            for n in producers.values()]
+        try:
+            with torch.no_grad():
+                model.eval()(example[:1])
+        finally:
+            for h in hooks:
+                h.remove()
+        self.layers: list[Layer] = []
+        for node, name in producers.items():
+            m = modules[name]
+            in_group = _input_group(node, producers, member_of, modules)
+            (ih, iw), (oh, ow) = hw.get(name, ((1, 1), (1, 1)))
+            if isinstance(m, nn.Linear):
+                self.layers.append(Layer(name, True, m.in_features, m.out_features, in_group, member_of.get(name)))
+                continue
+            dw = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            self.layers.append(Layer(name, False, m.in_channels, m.out_channels, in_group, member_of.get(name),
+                                     _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation),
+                                     dw, m.groups, (ih, iw), (oh, ow)))
+
+    def macs(self, widths: Mapping[str, int]) -> float:
+        return sum(layer.macs(widths) for layer in self.layers)
+
+    def flops(self, widths: Mapping[str, int]) -> float:
+        return 2.0 * self.macs(widths)
+
+    def widths_of(self, keep: Mapping[str, list[int]]) -> dict[str, int]:
+        return {g: len(keep[g]) if g in keep else c for g, c in self.full.items()}
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # type: ignore[return-value]
+
+
+def _input_group(node: fx.Node, producers: dict, member_of: dict, modules: dict) -> str | None:
+    """The channel group whose width is this layer's input width: walk back through channel-preserving ops
+    (and residual adds, whose inputs are coupled) to a producing conv/linear."""
+    todo = [a for a in node.args[:1] if isinstance(a, fx.Node)]
+    seen = set()
+    while todo:
+        n = todo.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in producers:
+            return member_of.get(producers[n])
+        passes = ((n.op == "call_module" and isinstance(modules.get(n.target), (*PASS_MODULES, *NORM, nn.Flatten)))
+                  or (n.op == "call_function" and (n.target in PASS_FUNCS or n.target in (torch.flatten,)))
+                  or (n.op == "call_method" and n.target in ("relu", "flatten", "view", "reshape", "mean", "contiguous")))
+        if passes:
+            todo += [a for a in n.args[:1] if isinstance(a, fx.Node)]
+        elif n.op == "call_function" and n.target in ADD_FUNCS:
+            todo += [a for a in n.args if isinstance(a, fx.Node)]
+    return None
+
+
+# ---- importance per group and greedy allocation -----------------------------------------------------------
+
+def group_importance(wm: WidthModel, scores: Mapping[str, torch.Tensor], normalize: bool | str = True,
+                     combine: str = "mean") -> dict[str, torch.Tensor]:
+    """Per group, one importance per channel from its members' scores (members share the channel numbering).
+
+    normalize: True / "mean" divides each member's scores by their mean |score| (as the engine does), so layers with
+    larger raw scores do not dominate; "share" then divides by the group width too, so a channel's importance is
+    its share of the group's total (a channel of a 16-wide layer carries more than one of a 64-wide layer: what
+    the greedy allocator weighs against cost); False leaves frequencies (comparable across layers) as they are.
+    combine: mean | max | sum over the members that have scores (sum: removing a channel of a residual stream
+    removes one filter from every member, so it loses all of their importance).
+    """
+    out = {}
+    for name, g in wm.groups.items():
+        vals = []
+        for m in g.members:
+            if m in scores:
+                s = torch.as_tensor(scores[m]).detach().double().flatten()
+                if s.numel() != g.channels:
+                    raise ValueError(f"importance for {m} has {s.numel()} entries, its group has {g.channels} channels")
+                if normalize:
+                    scale = s.abs().mean()
+                    s = s / scale if scale > 0 else s
+                vals.append(s)
+        if vals:
+            stack = torch.stack(vals)
+            out[name] = {"max": lambda t: t.max(0).values, "sum": lambda t: t.sum(0)}.get(combine, lambda t: t.mean(0))(stack)
+            if normalize == "share":
+                out[name] = out[name] / g.channels
+    return out
+
+
+def greedy_keep(wm: WidthModel, importance: Mapping[str, torch.Tensor], cost: Callable[[Mapping[str, int]], float],
+                target: float, start: Mapping[str, list[int]] | None = None,
+                min_keep_fraction: float = MIN_KEEP_FRACTION,
+                next_width: Callable[[str, int], list[int]] | None = None, strict: bool = True) -> dict[str, list[int]]:
+    """Remove channels, least importance per unit of cost saved first, until cost <= target.
+
+    start: keep sets to begin from (channels outside them count as already removed; they must be the lowest
+    ranked of their group). Groups without importance are never thinned. next_width(group, width): the smaller
+    widths one step may go to (default [width - 1]; the latency allocator offers every measured width below, since
+    runtimes pad channels to SIMD blocks: one channel, or one block of 8, often saves nothing on its own). Returns keep sets; when the
+    target is out of reach, raises (strict) or returns the thinnest allocation reached.
+    """
+    order = {g: sorted(range(len(s)), key=lambda i: (float(s[i]), -i)) for g, s in importance.items()}  # ascending
+    removed = {g: 0 for g in order}
+    if start:
+        for g, kept in start.items():
+            if g in order:
+                drop = set(range(wm.full[g])) - set(kept)
+                order[g] = sorted(drop, key=lambda i: (float(importance[g][i]), -i)) + [i for i in order[g] if i not in drop]
+                removed[g] = len(drop)
+    widths = {g: wm.full[g] - removed.get(g, 0) for g in wm.full}
+    floor = {g: max(1, math.ceil(wm.full[g] * min_keep_fraction)) for g in order}
+    step_to = next_width or (lambda g, w: [w - 1])
+    current = cost(widths)
+    while current > target:
+        best, best_val, best_cost, best_w = None, math.inf, current, 0
+        for g in order:
+            w_old = widths[g]
+            for w_new in step_to(g, w_old):  # every smaller width one step may go to (plateaus need look-ahead)
+                if w_new < floor[g] or w_new >= w_old:
+                    continue
+                widths[g] = w_new
+                c = cost(widths)
+                widths[g] = w_old
+                saved = current - c
+                lost = sum(float(importance[g][i]) for i in order[g][removed[g]:removed[g] + w_old - w_new])
+                val = lost / saved if saved > 1e-12 else (math.inf if lost > 0 else -math.inf)
+                if best is None or val < best_val:
+                    best, best_val, best_cost, best_w = g, val, c, w_new
+        if best is None or best_val == math.inf:
+            if not strict:
+                break
+            raise UserError(f"the budget is out of reach: thinning any group further (each keeps at least "
+                            f"{MIN_KEEP_FRACTION:.0%} of its width) saves nothing; cost {current:.4g}, target {target:.4g}")
+        removed[best] += widths[best] - best_w
+        widths[best] = best_w
+        current = best_cost
+    return {g: sorted(order[g][removed[g]:]) for g in order if removed[g]}
+
+
+def greedy_fill(wm: WidthModel, importance: Mapping[str, torch.Tensor], cost: Callable[[Mapping[str, int]], float],
+                target: float, keep: Mapping[str, list[int]]) -> dict[str, list[int]]:
+    """The reverse of greedy_keep: give removed channels back, most important per unit of cost first, while the
+    cost stays <= target (for learned allocations that undershot their budget)."""
+    kept = {g: set(v) for g, v in keep.items()}
+    pending = {g: sorted(set(range(wm.full[g])) - kept[g], key=lambda i: (-float(importance[g][i]), i))
+               for g in kept if g in importance}
+    widths = wm.widths_of(keep)
+    current = cost(widths)
+    while True:
+        best, best_val, best_cost = None, -math.inf, current
+        for g, todo in pending.items():
+            if not todo:
+                continue
+            widths[g] += 1
+            c = cost(widths)
+            widths[g] -= 1
+            if c > target:
+                continue
+            val = float(importance[g][todo[0]]) / max(c - current, 1e-12)
+            if val > best_val:
+                best, best_val, best_cost = g, val, c
+        if best is None:
+            break
+        kept[best].add(pending[best].pop(0))
+        widths[best] += 1
+        current = best_cost
+    return {g: sorted(v) for g, v in kept.items() if len(v) < wm.full[g]}
+
+
+# ---- latency table ----------------------------------------------------------------------------------------
+
+def _cache_dir() -> Path:
+    root = os.environ.get("COMPRESS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "compress")
+    return Path(root)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def time_session(session, x: np.ndarray, min_iters: int = 30, min_seconds: float = 0.15, warmup: int = 5) -> float:
+    """Median wall time of session.run(x) in ms."""
+    for _ in range(warmup):
+        session.run(x)
+    times, t_end = [], time.perf_counter() + min_seconds
+    while len(times) < min_iters or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        session.run(x)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 2000:
+            break
+    return float(np.median(times) * 1e3)
+
+
+def _export(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["out"])
+
+
+def measure_model_ms(model: nn.Module, spec: InputSpec, threads: int = 1) -> float:
+    """Export `model` to ONNX (as `compress export` does) and return ONNX Runtime's median batch-1 latency in ms."""
+    from runtimes import open_session
+
+    with tempfile.TemporaryDirectory(prefix="compress-lat-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        _export(copy.deepcopy(model).eval(), spec.example(1), path)
+        session = open_session(path, "onnxruntime", threads=threads)
+        try:
+            return time_session(session, spec.example(1).numpy(), min_iters=100, min_seconds=0.5)
+        finally:
+            session.close()
+
+
+class LatencyTable:
+    """Measured ONNX Runtime latency of single conv layers at a grid of widths, cached as JSON."""
+
+    def __init__(self, threads: int = 1, path: Path | None = None):
+        import onnxruntime
+
+        self.threads = threads
+        self.prefix = f"onnxruntime-{onnxruntime.__version__}|threads={threads}|{_cpu_name()}"
+        digest = hashlib.sha1(self.prefix.encode()).hexdigest()[:10]
+        self.path = path or _cache_dir() / f"latency-table-v2-{digest}.json"
+        self.entries: dict[str, float] = {}
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                if data.get("key") == self.prefix:
+                    self.entries = {k: float(v) for k, v in data.get("entries", {}).items()}
+            except (OSError, ValueError):
+                self.entries = {}
+        self.measured = 0
+
+    @staticmethod
+    def grid(c: int) -> list[int]:
+        """Widths measured for a dimension of full width c: multiples of 8 (a SIMD block; AVX-512 runtimes pad to
+        16), coarser for wide layers so that at most GRID_POINTS are measured, and c itself."""
+        step = 8 * math.ceil(c / (8 * GRID_POINTS))
+        return sorted({*range(step, c, step), c})
+
+    @staticmethod
+    def ceil_to(grid: list[int], c: int) -> int:
+        """The smallest measured width >= c: a width between two measured ones runs like the larger one (padding)."""
+        return next((g for g in grid if g >= c), grid[-1])
+
+    def next_width(self, c_full: int, c: int) -> list[int]:
+        """The measured widths below c (where one allocation step may go)."""
+        return [g for g in self.grid(c_full) if g < c]
+
+    def _points(self, layer: Layer) -> list[tuple[int, int]]:
+        outs = self.grid(layer.c_out) if layer.out_group else [layer.c_out]
+        if layer.depthwise:
+            return [(c, c) for c in outs]
+        ins = self.grid(layer.c_in) if layer.in_group else [layer.c_in]
+        return [(i, o) for i in ins for o in outs]
+
+    def ensure(self, layers: list[Layer]) -> None:
+        todo = [(lay, p) for lay in layers if not lay.linear for p in self._points(lay)
+                if self._key(lay, *p) not in self.entries]
+        if not todo:
+            return
+        from runtimes import open_session
+
+        with status(f"measuring {len(todo)} layer latencies (cached afterwards in {self.path})"), \
+                tempfile.TemporaryDirectory(prefix="compress-lat-") as tmp:
+            for k, (lay, (ci, co)) in enumerate(todo):
+                key = self._key(lay, ci, co)
+                if key in self.entries:
+                    continue
+                conv = nn.Conv2d(ci, co, lay.kernel, lay.stride, lay.padding, lay.dilation,
+                                 groups=ci if lay.depthwise else 1, bias=True)
+                x = torch.randn(1, ci, *lay.in_hw)
+                path = Path(tmp) / f"l{k}.onnx"
+                _export(nn.Sequential(conv, nn.ReLU()), x, path)
+                session = open_session(path, "onnxruntime", threads=self.threads)
+                self.entries[key] = time_session(session, x.numpy())
+                session.close()
+                self.measured += 1
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": self.prefix, "entries": self.entries}, indent=1, sort_keys=True))
+        tmp.replace(self.path)
+
+    def _key(self, layer: Layer, c_in: int, c_out: int) -> str:
+        return f"{layer.shape_key()}|{c_in}x{c_out}"
+
+    def layer_ms(self, layer: Layer, c_in: int, c_out: int) -> float:
+        """Measured latency at the measured widths just above (c_in, c_out): a step function, like SIMD padding."""
+        if layer.linear:
+            return 0.0
+        co = self.ceil_to(self.grid(layer.c_out), c_out) if layer.out_group else layer.c_out
+        if layer.depthwise:
+            return self.entries[self._key(layer, co, co)]
+        ci = self.ceil_to(self.grid(layer.c_in), c_in) if layer.in_group else layer.c_in
+        return self.entries[self._key(layer, ci, co)]
+
+
+class LatencyModel:
+    """latency(widths) ~= a + b * sum of per-layer table latencies, (a, b) fitted on whole-model measurements."""
+
+    def __init__(self, wm: WidthModel, table: LatencyTable):
+        self.wm, self.table = wm, table
+        self.a, self.b = 0.0, 1.0
+        self.calibration: list[dict] = []
+
+    def layer_sum(self, widths: Mapping[str, int]) -> float:
+        return sum(self.table.layer_ms(lay, *lay.dims(widths)) for lay in self.wm.layers)
+
+    def __call__(self, widths: Mapping[str, int]) -> float:
+        return self.a + self.b * self.layer_sum(widths)
+
+    def calibrate(self, model: nn.Module, example: torch.Tensor, spec: InputSpec, threads: int,
+                  fractions: tuple[float, ...] = (1.0, 0.6, 0.35)) -> None:
+        """Fit (a, b) on the whole model thinned uniformly to grid-aligned widths (what allocations produce)."""
+        xs, ys = [], []
+        for f in fractions:
+            keep = {g: list(range(self.table.ceil_to(self.table.grid(c), max(1, round(c * f)))))
+                    for g, c in self.wm.full.items()} if f < 1 else {}
+            keep = {g: v for g, v in keep.items() if len(v) < self.wm.full[g]}
+            trial = prune_to_keep(copy.deepcopy(model), example, keep) if keep else model
+            widths = self.wm.widths_of(keep)
+            ms = measure_model_ms(trial, spec, threads)
+            xs.append(self.layer_sum(widths))
+            ys.append(ms)
+            self.calibration.append({"width_fraction": f, "layer_sum_ms": round(xs[-1], 4), "measured_ms": round(ms, 4)})
+        b, a = np.polyfit(xs, ys, 1)
+        if b <= 0:  # noise swamped the trend: trust the table's proportions, anchor at the full model
+            b, a = ys[0] / xs[0], 0.0
+        self.a, self.b = float(a), float(b)
+
+
+# ---- choosing keep sets for a budget ----------------------------------------------------------------------
+
+def plan_budget(model: nn.Module, spec: InputSpec, example: torch.Tensor, scores: Mapping[str, torch.Tensor],
+                cfg: TargetConfig, uniform: bool = True, normalize: bool = True, combine: str = "mean",
+                start: Mapping[str, list[int]] | None = None) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    """Keep sets (group name -> channel indices) meeting cfg's budget, and a record of how they were chosen.
+
+    uniform: ratio / flops_target use the engine's uniform per-group ratio (score methods); otherwise FLOPs are
+    allocated greedily (gate methods, whose scores are comparable across layers). latency_target is always greedy.
+    """
+    info: dict[str, Any] = {}
+    if cfg.latency_target is not None:
+        return _plan_latency(model, spec, example, scores, cfg, normalize, combine, start)
+    if uniform or cfg.ratio is not None:
+        ratio = cfg.ratio
+        if cfg.flops_target is not None:
+            with status(f"searching the ratio for {cfg.flops_target:g} of the FLOPs"):
+                ratio = find_ratio(model, example, scores, cfg.flops_target, cfg.round_to)
+        info["ratio"] = round(float(ratio), 4)
+        return keep_sets(model, example, scores, ratio, cfg.round_to), info
+    wm = WidthModel(model, example)
+    base = wm.flops(wm.full)
+    imp = group_importance(wm, scores, "share", "sum") if normalize else group_importance(wm, scores, False, combine)
+    keep = greedy_keep(wm, imp, lambda w: wm.flops(w) / base, cfg.flops_target, start)
+    info["allocation"] = "greedy by importance per FLOP"
+    return keep, info
+
+
+def _plan_latency(model, spec, example, scores, cfg, normalize, combine, start):
+    wm = WidthModel(model, example)
+    table = LatencyTable(cfg.latency_threads)
+    with status("latency table"):
+        table.ensure(wm.layers)
+    lat = LatencyModel(wm, table)
+    with status("calibrating the latency model on whole-model exports"):
+        lat.calibrate(model, example, spec, cfg.latency_threads)
+    full_ms = lat.calibration[0]["measured_ms"]
+    log(f"latency table: {table.measured} new layer measurements ({table.path}); dense model measures "
+        f"{full_ms:.3f} ms; model = {lat.a:.3f} + {lat.b:.3f} x sum(layers)")
+    imp = group_importance(wm, scores, "share", "sum") if normalize else group_importance(wm, scores, False, combine)
+    goal, rounds, keeps = cfg.latency_target, [], []
+    keep: dict[str, list[int]] = {}
+    if full_ms <= cfg.latency_target:
+        log(f"the dense model already meets {cfg.latency_target} ms ({full_ms:.3f} ms): nothing more removed")
+        return dict(start or {}), {"allocation": "latency", "latency_dense_ms": full_ms, "rounds": []}
+    for r in range(3):
+        keep = greedy_keep(wm, imp, lat, goal, start, next_width=lambda g, w: table.next_width(wm.full[g], w),
+                           strict=r == 0)
+        trial = prune_to_keep(copy.deepcopy(model), example, keep)
+        measured = measure_model_ms(trial, spec, cfg.latency_threads)
+        predicted = lat(wm.widths_of(keep))
+        keeps.append(keep)
+        rounds.append({"round": r + 1, "internal_target_ms": round(goal, 4), "predicted_ms": round(predicted, 4),
+                       "measured_ms": round(measured, 4), "flops_fraction": round(wm.flops(wm.widths_of(keep)) / wm.flops(wm.full), 4)})
+        log(f"latency round {r + 1}: predicted {predicted:.3f} ms, measured {measured:.3f} ms (target {cfg.latency_target} ms)")
+        if measured <= cfg.latency_target * 1.02:
+            break
+        goal = min(goal, predicted) * cfg.latency_target / measured  # the model under-predicted: aim lower
+    # the least-thinned allocation that measured within the target (else the last, thinnest one)
+    ok = [i for i, rd in enumerate(rounds) if rd["measured_ms"] <= cfg.latency_target * 1.02]
+    best = max(ok, key=lambda i: rounds[i]["measured_ms"]) if ok else len(rounds) - 1
+    keep = keeps[best]
+    info = {"allocation": "greedy by importance share per predicted ms", "latency_dense_ms": round(full_ms, 4),
+            "latency_table": str(table.path), "latency_model": {"a": lat.a, "b": lat.b, "calibration": lat.calibration},
+            "rounds": rounds, "latency_measured_ms": rounds[best]["measured_ms"],
+            "widths": {g: len(v) for g, v in keep.items()}}
+    if rounds[best]["measured_ms"] > cfg.latency_target * 1.02:
+        log(f"[yellow]latency target {cfg.latency_target} ms not met: measured {rounds[best]['measured_ms']:.3f} ms[/]")
+    return keep, info
+
+
+def latency_flops_budget(model: nn.Module, spec: InputSpec, example: torch.Tensor, cfg: TargetConfig) -> float:
+    """For methods that learn under a FLOPs budget: the FLOPs fraction of an allocation that meets cfg's latency
+    target (L1 norms standing in for the method's own importance, which does not exist before training)."""
+    from compress.prune.baselines import l1_scores
+
+    keep, _ = _plan_latency(model, spec, example, l1_scores(model), cfg, True, "mean", None)
+    wm = WidthModel(model, example)
+    return wm.flops(wm.widths_of(keep)) / wm.flops(wm.full)
+
+
+# ---- a pruning method whose budget may be a ratio, FLOPs or latency ---------------------------------------
+
+class TargetedPruneMethod(ImportancePruneMethod):
+    """Score -> keep sets for the budget -> engine removes -> optional KD fine-tune -> history.
+
+    Subclasses implement `score(model, cfg, ctx, info)` (info: a dict recorded in the history) and may override
+    `plan` (how scores become keep sets) and `after_prune` (e.g. Beta-Rank's faithful BN reset).
+    """
+
+    Config: ClassVar[type] = TargetConfig
+    uniform: ClassVar[bool] = True
+
+    def score(self, model: nn.Module, cfg: Any, ctx: Context, info: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def importance(self, model: nn.Module, cfg: Any, ctx: Context) -> dict[str, torch.Tensor]:
+        return self.score(model, cfg, ctx, {})
+
+    def plan(self, model: nn.Module, spec: InputSpec, example: torch.Tensor, scores: dict, cfg: Any,
+             ctx: Context, info: dict) -> dict[str, list[int]]:
+        keep, how = plan_budget(model, spec, example, scores, cfg, uniform=self.uniform)
+        info.update(how)
+        return keep
+
+    def after_prune(self, model: nn.Module, keep: dict[str, list[int]], scores: dict, cfg: Any, ctx: Context,
+                    info: dict) -> None:
+        """Hook after the channels are removed (default: nothing)."""
+
+    def result_model(self, model: nn.Module, lm: LoadedModel, cfg: Any, ctx: Context, info: dict) -> LoadedModel | None:
+        """A different model to return instead of the pruned one (FTWT's masked-dense variant); default None."""
+        return None
+
+    def apply(self, lm: LoadedModel, cfg: TargetConfig, ctx: Context) -> LoadedModel:
+        lm.require_compressible(f"prune {self.name}")
+        model, shape = lm.model.eval(), lm.spec.shape
+        example = lm.spec.example(1, ctx.seed)
+        before = {"params": count_params(model), "flops": count_flops(model, shape)}
+        teacher = copy.deepcopy(model).eval() if cfg.finetune_epochs and cfg.distill else None
+        info: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        with status(f"scoring channels ({self.name})"):
+            scores = self.score(model, cfg, ctx, info)
+        other = self.result_model(model, lm, cfg, ctx, info)
+        if other is not None:
+            return other
+        keep = self.plan(model, lm.spec, example, scores, cfg, ctx, info)
+        if keep:
+            prune_to_keep(model, example, keep)
+        self.after_prune(model, keep, scores, cfg, ctx, info)
+        after = {"params": count_params(model), "flops": count_flops(model, shape)}
+        log(f"pruned {self.name}: FLOPs {before['flops'] / 1e6:.1f}M -> {after['flops'] / 1e6:.1f}M "
+            f"({1 - after['flops'] / before['flops']:.1%} fewer), params {before['params'] / 1e3:.0f}k -> "
+            f"{after['params'] / 1e3:.0f}k")
+        entry: dict[str, Any] = {"stage": "prune", "method": self.name, "config": asdict(cfg),
+                                 "ratio": info.pop("ratio", None), "params_before": before["params"],
+                                 "params_after": after["params"], "flops_before": before["flops"],
+                                 "flops_after": after["flops"], "kept_widths": {g: len(v) for g, v in keep.items()},
+                                 **info,
+                                 "seconds_prune": round(time.perf_counter() - t0, 2)}
+        if cfg.finetune_epochs:
+            epochs: list[dict] = []
+            finetune(model, ctx, cfg.finetune_epochs, cfg.lr, cfg.batch_size, teacher=teacher,
+                     distill=cfg.distill, log=epochs)
+            entry["finetune"] = epochs
+        return LoadedModel(model.eval(), lm.spec, "compress", lm.source, lm.arch, dict(lm.arch_kwargs),
+                           list(lm.edits), [*lm.history, entry])
+
+
+def calibration_batches(ctx: Context, n_images: int, batch_size: int, augment: bool = False, seed_offset: int = 0,
+                        who: str = "this method"):
+    """Normalized image batches (labels dropped) from the calib data (falls back to --data)."""
+    from compress.data import batches
+
+    ds = ctx.dataset("calib")
+    if ds is None:
+        raise UserError(f"{who} needs images to look at: pass --calib or --data (unlabeled is fine)")
+    ds = ds.subset(n_images, seed=ctx.seed + seed_offset)
+    for x, _ in batches(ds, ctx.normalizer(), batch_size, shuffle=True, seed=ctx.seed + seed_offset, augment=augment):
+        yield x

@@ -1,0 +1,226 @@
+"""Genie (zero-shot PTQ): the research note's faithfulness checks (a)-(e) (quant-lowrank-methods.md §1.6),
+plus Genie-D's error path, save/reload through the "genie" edit, QDQ export and the CLI. Small budgets:
+the whole file runs in about a minute on 2 CPU cores."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from compress.data import Normalizer, load_dataset
+from compress.errors import UserError
+from compress.metrics import evaluate
+from compress.quantize.genie import (GenieConfig, GenieWeightQuantizer, LSQActQuantizer, build_structure, find_units,
+                                     float_mode, genie_quantize, reconstruct_unit, soft_hard_gap, to_genie_quantizers)
+from compress.quantize.genie_data import SwingConv2d, SynthesisConfig, synthesize
+from tests.conftest import CALIB1000, RESNET20, TEST_JPEG, TEST_LOSSLESS
+
+# the CLI builds its options from the method registry at import: make sure genie/nncf are registered first
+CLI_ENTRY = "import compress.quantize.genie, compress.quantize.nncf_ptq; from compress.cli import main; main()"
+
+
+def run_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COMPRESS_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", CLI_ENTRY, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core box two threads run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def calib(resnet20):
+    ds = load_dataset(f"cifar10:{CALIB1000}").subset(64, 0)
+    return Normalizer(resnet20.spec.mean, resnet20.spec.std)(ds.images)
+
+
+def _rtn(w: torch.Tensor, q: GenieWeightQuantizer, scale: torch.Tensor) -> torch.Tensor:
+    s = scale.view(-1, *[1] * (w.dim() - 1))
+    z = q.zero_point.view(-1, *[1] * (w.dim() - 1)).float()
+    return s * (torch.clamp(torch.round(w / s) + z, q.qmin, q.qmax) - z)
+
+
+# --- (a) at initialization the hard-rounded weight is round-to-nearest on (s0, z) ---------------------------------
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_hard_rounding_is_rtn_at_init(resnet20, bits, symmetric):
+    w = resnet20.model.layer2[0].conv1.weight.detach()
+    q = GenieWeightQuantizer(w, bits, symmetric)
+    assert float((q.hard_weight() - _rtn(w, q, q.scale.detach())).abs().max()) <= 1e-6
+    assert isinstance(q.scale, nn.Parameter) and isinstance(q.bit_logit, nn.Parameter)
+    if symmetric:
+        assert int(q.zero_point.abs().max()) == 0 and q.qmin == -q.qmax
+
+
+# --- (b) the base integer is frozen: rescaling s rescales W_hat exactly --------------------------------------------
+def test_b_rescaling_the_step_keeps_the_base_integer(resnet20):
+    w = resnet20.model.layer3[1].conv2.weight.detach()
+    q = GenieWeightQuantizer(w, 4, symmetric=False)
+    base = q.base.clone()
+    before = q.hard_weight()
+    inside = (q.integers(False) > q.qmin) & (q.integers(False) < q.qmax)  # where the clip is inactive
+    with torch.no_grad():
+        q.scale.mul_(1.001)
+    after = q.hard_weight()
+    assert torch.equal(q.base, base)
+    rel = ((after - 1.001 * before).abs() / (1.001 * before).abs().clamp_min(1e-12))[inside & (before != 0)]
+    assert float(rel.max()) < 1e-6
+    # an implementation that recomputes floor(W / s) from the new step would not pass:
+    assert not torch.allclose(_rtn(w, q, q.scale.detach())[inside], (1.001 * before)[inside], rtol=1e-6, atol=0)
+
+
+# --- (c) after reconstruction the rounding is decided and soft == hard ---------------------------------------------
+def test_c_reconstruction_decides_the_rounding(resnet20, calib):
+    cfg = GenieConfig(bits="w4a4", preset="smoke", recon_iters=200, recon_batch=16).resolved()
+    gm = build_structure(copy.deepcopy(resnet20.model), cfg.structure())
+    to_genie_quantizers(gm, cfg.qdrop)
+    units = find_units(gm)
+    assert [u.name for u in units] == ["conv1", "layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1",
+                                       "layer2.2", "layer3.0", "layer3.1", "layer3.2", "linear"]
+    stem, block = units[0], units[1]
+    torch.manual_seed(0)
+    for unit in (stem, block):
+        for q in unit.activation_quantizers(gm):
+            q.mode = "init"
+    with torch.no_grad():
+        stem.module(calib[:32])
+        with float_mode(gm):
+            x_fp = stem.module(calib)
+        x_q = stem.module(calib)
+        block.module(x_q[:32])
+    for q in block.activation_quantizers(gm):
+        assert isinstance(q, LSQActQuantizer) and q.initialized
+        q.mode = "eval"
+    with torch.no_grad(), float_mode(gm):
+        y = block.module(x_fp)
+    with torch.no_grad():
+        err_before = float((block.module(x_q) - y).pow(2).sum(1).mean())
+    stats = reconstruct_unit(block, gm, x_fp, x_q, y, cfg)
+    with torch.no_grad():
+        err_after = float((block.module(x_q) - y).pow(2).sum(1).mean())
+    assert stats["undecided_bits"] < 0.01, stats
+    assert soft_hard_gap(block, gm, x_q) < 0.01
+    assert err_after < err_before
+
+
+# --- (d) swing convolution and the Genie-D loss ----------------------------------------------------------------------
+def test_d_swing_conv_is_the_conv_at_zero_jitter():
+    conv = nn.Conv2d(8, 16, 3, 2, 1)
+    x = torch.randn(4, 8, 17, 17)
+    assert torch.equal(SwingConv2d(conv, jitter=0)(x), conv(x))
+    shifted = SwingConv2d(conv, jitter=1, generator=torch.Generator().manual_seed(0))(x)
+    assert shifted.shape == conv(x).shape
+
+
+def test_d_genie_d_loss_falls_tenfold(resnet20):
+    cfg = SynthesisConfig(samples=16, batch=16, iters=40, gen_c1=32, gen_c2=16, seed=0)
+    x, summary = synthesize(resnet20.model, resnet20.spec.shape, cfg)
+    first, last = summary["batches"][0]["first"]["loss"], summary["batches"][0]["last"]["loss"]
+    assert first / last > 10, (first, last)
+    assert x.shape == (16, 3, 32, 32) and torch.isfinite(x).all()
+    assert summary["bn_layers"] == 19
+    assert not any(isinstance(m, SwingConv2d) for m in resnet20.model.modules())  # only in the distillation copy
+
+
+def test_genie_d_needs_batchnorm():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 10))
+    with pytest.raises(UserError, match="BatchNorm"):
+        synthesize(model, (3, 32, 32), SynthesisConfig(samples=4, batch=4, iters=1))
+
+
+# --- (e) W8A8 after reconstruction is within 0.3 points of FP; the result saves, reloads and exports --------------
+@pytest.fixture(scope="module")
+def w8a8(resnet20, calib):
+    cfg = GenieConfig(bits="w8a8", preset="smoke", recon_iters=40, recon_batch=16)
+    gm, summary = genie_quantize(resnet20.model, calib[:32], cfg, seed=0)
+    return gm, summary
+
+
+def test_e_w8a8_within_point3_of_fp(resnet20, w8a8):
+    gm, summary = w8a8
+    norm = Normalizer(resnet20.spec.mean, resnet20.spec.std)
+    jpeg = load_dataset(f"cifar10:{TEST_JPEG}")
+    for test in (load_dataset(f"cifar10:{TEST_LOSSLESS}"), jpeg.subset(None, indices=np.arange(1000))):
+        fp, q = evaluate(resnet20.model, test, norm), evaluate(gm, test, norm)
+        assert q >= fp - 0.3, (test.source, fp, q)
+    assert summary["structure"]["placement"] == "runtime" and summary["structure"]["scheme"]["symmetric_weights"]
+
+
+def test_saved_model_reloads_and_exports_int8(resnet20, w8a8, tmp_path):
+    from compress.io import LoadedModel, load_model, save_model
+    from exporters.onnx import export_onnx
+    from exporters.qdq import integer_kernel_report
+
+    gm, summary = w8a8
+    lm = LoadedModel(gm, resnet20.spec, "compress", resnet20.source, "resnet20", {}, [summary["structure"]])
+    back = load_model(save_model(lm, tmp_path / "q.pt"))
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back.model(x), gm(x))
+    art = export_onnx(back.model, back.spec, tmp_path / "q.onnx", parity_images=x)
+    assert art.precision == "int8" and art.parity["top1_agreement"] >= 0.95
+    report = integer_kernel_report(tmp_path / "q.onnx")
+    assert report["all_convs_integer"], report["summary"]
+
+
+def test_reference_placement_and_bit_exceptions(resnet20):
+    cfg = GenieConfig(bits="w2a4").resolved()
+    assert cfg.placement == "reference" and cfg.symmetric_weights is False and cfg.recon_iters == 20000
+    gm = build_structure(copy.deepcopy(resnet20.model), cfg.structure())
+    acts = gm.act_quant
+    assert acts["relu"].bits == 8                      # the second layer's input (BRECQ setting)
+    assert acts["x"].bits == 8 and acts["adaptive_avg_pool2d"].bits == 8  # first conv / last linear inputs
+    assert not acts["layer1_0_conv2"].enabled          # a residual-add input: float in the reference placement
+    assert gm.conv1.weight_quantizer.bits == 8 and gm.linear.weight_quantizer.bits == 8
+    assert gm.get_submodule("layer1.0.conv1").weight_quantizer.bits == 2
+
+
+def test_cli_synthesize_then_quantize(tmp_path):
+    npz = tmp_path / "calib.npz"
+    r = run_cli("synthesize", RESNET20, "--arch", "resnet20", "-n", "8", "--preset", "smoke", "--iters", "3",
+                "-o", npz, "--json")
+    assert r.returncode == 0, r.stderr
+    with np.load(npz) as z:
+        assert z["x"].shape == (8, 32, 32, 3) and z["x"].dtype == np.uint8
+        assert z["x_normalized"].shape == (8, 3, 32, 32)
+    out = tmp_path / "q.pt"
+    r = run_cli("quantize", RESNET20, "--arch", "resnet20", "--method", "genie", "--bits", "w4a4",
+                "--preset", "smoke", "--recon-iters", "2", "--calib", npz, "-o", out)
+    assert r.returncode == 0, r.stderr
+    from compress.io import load_model
+
+    lm = load_model(out)
+    assert lm.edits[-1]["kind"] == "genie" and lm.history[-1]["calibration"]["images"] == 8
+    assert lm.edits[-1]["placement"] == "reference" and not lm.model.act_quant["layer1_0_conv2"].enabled
+    assert lm.model.get_submodule("layer1.0.conv1").weight_quantizer.bits == 4
+
+
+def test_cli_synthesize_needs_an_npz_output(tmp_path):
+    r = run_cli("synthesize", RESNET20, "--arch", "resnet20", "-o", tmp_path / "c.txt")
+    assert r.returncode == 2 and "npz" in r.stderr
+
+
+@pytest.mark.parametrize("spec, source, n", [("noise:8", "noise", 8), ("/recipe/dir/genie:4", "genie", 4),
+                                             (f"cifar10:{CALIB1000}", str(CALIB1000), 8)])
+def test_calibration_sources(resnet20, spec, source, n):
+    from compress.quantize.genie import calibration_images
+    from compress.stages import Context
+
+    cfg = GenieConfig(preset="smoke", samples=8, distill_iters=2).resolved()
+    ctx = Context(spec=resnet20.spec, data={"calib": spec})
+    images, info = calibration_images(resnet20, cfg, ctx)
+    assert images.shape == (n, 3, 32, 32) and info["images"] == n and info["source"].startswith(source)
+    if source in ("noise", "genie"):  # synthesized data is what the pipeline's manifest fingerprints
+        assert ctx.dataset("calib").fingerprint() == info["fingerprint"]
