@@ -5,3 +5,4 @@ from compress.stages import Method
 METHODS: Registry[Method] = Registry("quantization method")
 
 from compress.quantize import minmax  # noqa: E402,F401 - registers `minmax` (and the "quantize" structure edit)
+from compress.quantize import genie, nncf_ptq  # noqa: E402,F401 - registers `genie` and `nncf` (issue 4)
