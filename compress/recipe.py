@@ -106,14 +106,17 @@ def _rebase(p: str, base: Path) -> str:
 
 
 def _rebase_spec(spec: str | None, base: Path) -> str | None:
-    if spec is None:
-        return None
+    return None if spec is None else _map_spec_path(spec, lambda p: _rebase(p, base))
+
+
+def _map_spec_path(spec: str, fn) -> str:
+    """Apply `fn` to the path inside a data spec (cifar10:PATH, folder:PATH, PATH); random:N has none."""
     kind, sep, rest = spec.partition(":")
     if sep and kind in ("cifar10", "npz", "folder"):
-        return f"{kind}:{_rebase(rest, base)}"
-    if kind == "random":
+        return f"{kind}:{fn(rest)}"
+    if kind == "random" or spec in ("genie", "noise"):  # generated data: no path to map
         return spec
-    return _rebase(spec, base)
+    return fn(spec)
 
 
 def _relative(p: str, base: Path) -> str:
@@ -123,9 +126,4 @@ def _relative(p: str, base: Path) -> str:
 
 
 def _relative_spec(spec: str, base: Path) -> str:
-    kind, sep, rest = spec.partition(":")
-    if sep and kind in ("cifar10", "npz", "folder"):
-        return f"{kind}:{_relative(rest, base)}"
-    if kind == "random":
-        return spec
-    return _relative(spec, base)
+    return _map_spec_path(spec, lambda p: _relative(p, base))
