@@ -114,7 +114,7 @@ def _map_spec_path(spec: str, fn) -> str:
     kind, sep, rest = spec.partition(":")
     if sep and kind in ("cifar10", "npz", "folder"):
         return f"{kind}:{fn(rest)}"
-    if kind == "random" or spec in ("genie", "noise"):  # generated data: no path to map
+    if kind in ("random", "genie", "noise"):  # generated data (random:N, genie[:N], noise[:N]): no path to map
         return spec
     return fn(spec)
 
