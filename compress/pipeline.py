@@ -283,6 +283,13 @@ class Pipeline:
             return None
         return self.ctx.normalizer()(ds.images[:256], ds.prenormalized)
 
+    def _fingerprint(self, role: str) -> str | None:
+        """Image data sets are hashed; sources a stage generates or reads itself (genie, text:...) are named only."""
+        try:
+            return self.ctx.dataset(role).fingerprint()
+        except UserError:
+            return None
+
     def _write_manifest(self, status: str = "ok") -> Path:
         orig = self.result.variants["original"].lm
         manifest = {
@@ -295,7 +302,7 @@ class Pipeline:
             "seed": self.recipe.seed,
             "input_model": {"path": orig.source, "sha256": orig.sha256, "kind": orig.kind, "arch": orig.arch},
             "recipe": self.recipe.to_dict(),
-            "data": {**{role: {"spec": spec, "fingerprint": self.ctx.dataset(role).fingerprint()}
+            "data": {**{role: {"spec": spec, "fingerprint": self._fingerprint(role)}
                         for role, spec in self.ctx.data.items() if spec},
                      "eval": {name: {"source": ds.source, "n": len(ds), "fingerprint": ds.fingerprint()}
                               for name, ds in self.eval_sets.items()}},

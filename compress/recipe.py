@@ -114,8 +114,10 @@ def _map_spec_path(spec: str, fn) -> str:
     kind, sep, rest = spec.partition(":")
     if sep and kind in ("cifar10", "npz", "folder"):
         return f"{kind}:{fn(rest)}"
-    if kind in ("random", "genie", "noise"):  # generated data (random:N, genie[:N], noise[:N]): no path to map
-        return spec
+    if kind in ("random", "genie", "noise") or (kind == "text" and rest.startswith("builtin")):
+        return spec  # generated or built-in data (random:N, genie[:N], noise[:N], text:builtin...): no path
+    if kind == "text":
+        return f"text:{fn(rest)}"
     return fn(spec)
 
 
