@@ -162,17 +162,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_and_emit(lambda: measure(args.artifact, args.runtime, args.threads, args.warmup, args.iterations,
+                                        args.batch, args.seed, tuple(args.shape) if args.shape else None, args.cpus,
+                                        isolated=True), args.json)
+
+
+def run_and_emit(measure_fn, json_path: str | None) -> int:
+    """Run one measurement and print its profile (and write it to json_path); the exit code for main().
+
+    Shared by this agent and the CUDA agent (devices/gpu.py): errors with an exit code become one line.
+    """
     try:
-        profile = measure(args.artifact, args.runtime, args.threads, args.warmup, args.iterations, args.batch,
-                          args.seed, tuple(args.shape) if args.shape else None, args.cpus, isolated=True)
+        profile = measure_fn()
     except Exception as e:  # noqa: BLE001 - one line for the caller; UserError carries exit code 2
         if not hasattr(e, "exit_code"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return int(e.exit_code)
     text = json.dumps(profile, indent=1)
-    if args.json:
-        out = Path(args.json)
+    if json_path:
+        out = Path(json_path)
         tmp = out.with_name(f".{out.name}.part")
         tmp.write_text(text)
         os.replace(tmp, out)  # a reader never sees half a profile

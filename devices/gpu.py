@@ -172,7 +172,7 @@ def cuda_event_times(torch, module, x, iterations: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from devices.agent import parse_args
+    from devices.agent import parse_args, run_and_emit
 
     argv = list(sys.argv[1:] if argv is None else argv)
     index = 0
@@ -184,23 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.runtime not in (None, "torch"):
         print(f"error: the CUDA agent measures the torch runtime, not {args.runtime}", file=sys.stderr)
         return 2
-    try:
-        profile = measure_cuda(args.artifact, index, args.warmup, args.iterations, args.batch, args.seed,
-                               tuple(args.shape) if args.shape else None, args.threads, args.cpus)
-    except Exception as e:  # noqa: BLE001 - one line for the caller; UserError carries exit code 2
-        if not hasattr(e, "exit_code"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return int(e.exit_code)
-    text = json.dumps(profile, indent=1)
-    if args.json:
-        out = Path(args.json)
-        tmp = out.with_name(f".{out.name}.part")
-        tmp.write_text(text)
-        os.replace(tmp, out)
-    print(text)
-    return 0
-
+    return run_and_emit(lambda: measure_cuda(args.artifact, index, args.warmup, args.iterations, args.batch,
+                                             args.seed, tuple(args.shape) if args.shape else None, args.threads,
+                                             args.cpus), args.json)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -181,5 +181,6 @@ def resnet20_artifacts(tmp_path_factory) -> tuple[Path, Path]:
         torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(d / "resnet20.onnx"), dynamo=False,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    # save_model stores FP16 weights by default: this is the FP32 IR
     ov.save_model(ov.convert_model(str(d / "resnet20.onnx")), str(d / "resnet20.xml"), compress_to_fp16=False)
     return d / "resnet20.onnx", d / "resnet20.xml"

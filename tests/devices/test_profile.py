@@ -6,7 +6,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def onnx_and_ir(tmp_path_factory) -> tuple[Path, Path]:
-    import openvino as ov
-    import torch
-
-    from compress.io import zoo_model
-
-    d = tmp_path_factory.mktemp("profile")
-    model = zoo_model("resnet20").model.eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(d / "resnet20.onnx"), dynamo=False,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    ov.save_model(ov.convert_model(str(d / "resnet20.onnx")), str(d / "resnet20.xml"),
-                  compress_to_fp16=False)  # save_model's default stores FP16 weights: this is the FP32 IR
-    return d / "resnet20.onnx", d / "resnet20.xml"
+def onnx_and_ir(resnet20_artifacts) -> tuple[Path, Path]:
+    return resnet20_artifacts  # the session-wide real ResNet-20 ONNX + FP32 IR from conftest.py
 
 
 # ---- statistics ------------------------------------------------------------------------------------------------
