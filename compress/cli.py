@@ -102,12 +102,19 @@ def _emit(payload: dict, as_json: bool, human) -> None:
 # ---- the CLI ----------------------------------------------------------------------------------------------
 @click.group(context_settings=CONTEXT)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
+@click.option("--torch-threads", type=click.IntRange(min=1), envvar="COMPRESS_TORCH_THREADS", show_envvar=True,
+              help="Threads torch uses for training, calibration and evaluation (default: torch's, one per core). "
+                   "On a shared or hyper-threaded machine 1 is often the fastest.")
 @click.version_option(package_name="edge-compress")
-def cli(quiet: bool) -> None:
+def cli(quiet: bool, torch_threads: int | None) -> None:
     """Prune, quantize and factorize PyTorch models; export them to edge runtimes; profile them on the target."""
     from compress.progress import set_quiet
 
     set_quiet(quiet)
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
 
 
 @cli.command(context_settings=CONTEXT)

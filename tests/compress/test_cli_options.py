@@ -1,0 +1,34 @@
+"""Global CLI options: --torch-threads sets torch's intra-op pool before any verb runs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import RESNET20, run_cli
+
+
+# a fresh interpreter per case: torch's pool is process-wide. 3 threads is nobody's default here.
+CODE = ("import sys, torch; from compress.cli import cli\n"
+        "cli.main(sys.argv[1:], standalone_mode=False)\n"
+        "print('THREADS', torch.get_num_threads())\n")
+
+
+def _threads_after(args: list[str], env: dict | None = None) -> str:
+    out = subprocess.run([sys.executable, "-c", CODE, *args, "info", str(RESNET20), "--arch", "resnet20", "--json"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.rsplit("THREADS", 1)[1].strip()
+
+
+def test_torch_threads_option_sets_torch_pool():
+    assert _threads_after(["--torch-threads", "3"]) == "3"
+
+
+def test_torch_threads_from_environment():
+    assert _threads_after([], {"COMPRESS_TORCH_THREADS": "3"}) == "3"
+
+
+def test_torch_threads_out_of_range():
+    bad = run_cli("--torch-threads", "0", "info", RESNET20, "--arch", "resnet20")
+    assert bad.returncode == 2 and "--torch-threads" in bad.stderr
