@@ -142,6 +142,63 @@ def kernel_profile(path: Path, threads: int, runs: int = 300) -> dict:
             "conv_us_in_order": convs}
 
 
+def conv_macs(model: torch.nn.Module, spec) -> list[int]:
+    """Multiply-accumulates of each Conv2d at batch 1, in execution order (the FP32 graph's conv order)."""
+    macs, hooks = [], []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            hooks.append(m.register_forward_hook(lambda mod, _i, out: macs.append(
+                out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1])))
+    with torch.no_grad():
+        model.eval()(spec.example(batch=1))
+    for h in hooks:
+        h.remove()
+    return macs
+
+
+def gemm_ceiling(threads: int, n: int = 512, runs: int = 30) -> dict:
+    """What MLAS itself reaches on this CPU: one n^3 MatMul in FP32 vs u8 x s8 MatMulInteger (GMAC/s)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graphs = {
+        "fp32": (helper.make_node("MatMul", ["x", "W"], ["y"]), TensorProto.FLOAT, TensorProto.FLOAT,
+                 rng.standard_normal((n, n)).astype(np.float32), rng.standard_normal((n, n)).astype(np.float32)),
+        "int8": (helper.make_node("MatMulInteger", ["x", "W"], ["y"]), TensorProto.UINT8, TensorProto.INT32,
+                 rng.integers(-127, 128, (n, n)).astype(np.int8), rng.integers(0, 256, (n, n)).astype(np.uint8)),
+    }
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (node, tin, tout, w, x) in graphs.items():
+            g = helper.make_graph([node], name, [helper.make_tensor_value_info("x", tin, [n, n])],
+                                  [helper.make_tensor_value_info("y", tout, [n, n])], [numpy_helper.from_array(w, "W")])
+            path = Path(tmp) / f"{name}.onnx"
+            path.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+            s = session(path, threads)
+            for _ in range(5):
+                s.run(None, {"x": x})
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                s.run(None, {"x": x})
+                times.append(time.perf_counter() - t0)
+            out[f"{name}_gmacs"] = round(n ** 3 / float(np.median(times)) / 1e9, 1)
+    out["ratio"] = round(out["int8_gmacs"] / out["fp32_gmacs"], 2)
+    return out
+
+
+def static_batch(src: Path, dst: Path) -> Path:
+    """The same graph with batch fixed to 1 (what an edge app ships), for the static-shape ablation."""
+    import onnx
+
+    m = onnx.load(str(src))
+    for v in list(m.graph.input) + list(m.graph.output):
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    del m.graph.value_info[:]
+    onnx.save(m, str(dst))
+    return dst
+
+
 def environment(threads: int) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
@@ -159,6 +216,8 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--batches", default="8,32", help="extra batch sizes for the sweep (the bar is at batch 1)")
+    ap.add_argument("--no-ablations", dest="ablations", action="store_false",
+                    help="skip the variants tried for the bar (asymmetric / per-tensor weights, static batch, 2 threads)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     env = environment(args.threads)
@@ -202,6 +261,26 @@ def main() -> None:
             sweep[b] = {name: {"p50_ms": v["p50_ms"], "p50_ms_per_image": v["p50_ms"] / b,
                                "speedup_p50": v.get("speedup_p50", 1.0)} for name, v in lat_b.items()}
 
+        ablations = []
+        if args.ablations:
+            # what else was tried for the bar, each timed interleaved against FP32 like the main rows
+            variants = {"asymmetric weights (u8 x u8 kernels)": {"symmetric_weights": False},
+                        "per-tensor weight scales": {"per_channel": False}}
+            for what, over in variants.items():
+                vpath = tmp / f"int8_{len(ablations)}.onnx"
+                vlm = method.apply(lm, build_config(method, over), ctx)
+                export_onnx(vlm.model, vlm.spec, vpath, "int8", parity_x)
+                lat_v = latency({"fp32": paths["fp32"], "v": vpath}, args.threads, 40, 10, 50)
+                ablations.append({"variant": what, "speedup_p50": round(lat_v["v"]["speedup_p50"], 2)})
+            lat_s = latency({"fp32": static_batch(paths["fp32"], tmp / "fp32_b1.onnx"),
+                             "v": static_batch(paths["int8_ours"], tmp / "int8_b1.onnx")}, args.threads, 40, 10, 50)
+            ablations.append({"variant": "static batch 1 for both models", "speedup_p50": round(lat_s["v"]["speedup_p50"], 2)})
+            lat_t = latency({"fp32": paths["fp32"], "v": paths["int8_ours"]}, 2, 40, 10, 50)
+            ablations.append({"variant": "2 intra-op threads for both models", "speedup_p50": round(lat_t["v"]["speedup_p50"], 2),
+                              "fp32_p50_ms": round(lat_t["fp32"]["p50_ms"], 3)})
+        ceiling = gemm_ceiling(args.threads)
+        macs = conv_macs(lm.model, lm.spec)
+
     env["loadavg_end"] = list(os.getloadavg())
     fp = models["fp32"]["top1"][BAR["on"]]
     for name, m in models.items():
@@ -219,7 +298,8 @@ def main() -> None:
                               "QUInt8 activations, QInt8 weights, MinMax calibration, quant_pre_process"},
               "latency_protocol": {"batch": 1, "warmup": args.warmup, "rounds": args.rounds,
                                    "per_round": args.per_round, "interleaved": True},
-              "batch_sweep": sweep, "bar": BAR, "verdict": verdict, "environment": env, "build_seconds": round(build_s, 1),
+              "batch_sweep": sweep, "ablations": ablations, "gemm_ceiling": ceiling, "fp32_conv_macs": macs,
+              "bar": BAR, "verdict": verdict, "environment": env, "build_seconds": round(build_s, 1),
               "models": models}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quantization_int8.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -275,6 +355,10 @@ def markdown(r: dict) -> str:
         for b, row in r["batch_sweep"].items():
             lines.append(f"| {b} | " + " | ".join(f"{row[n]['p50_ms_per_image']:.4f}" for n in r["models"]) +
                          f" | {row['int8_ours']['speedup_p50']:.2f}x | {row['int8_ort']['speedup_p50']:.2f}x |")
+    if r.get("ablations"):
+        lines += ["", "Variants tried for the bar (each timed interleaved against FP32; ours as shipped is the first row above):",
+                  "", "| variant | speedup p50 vs FP32 |", "|---|---|"]
+        lines += [f"| {a['variant']} | {a['speedup_p50']:.2f}x |" for a in r["ablations"]]
     lines += ["", "## Findings", ""] + findings(r)
     return "\n".join(lines) + "\n"
 
@@ -287,6 +371,18 @@ def findings(r: dict) -> list[str]:
     all_o = [us for _, us in ours["conv_us_in_order"]]
     stage = lambda xs, a, b: sum(xs[a:b])  # noqa: E731
     adds = ours["by_op_us"].get("QLinearAdd", 0.0)
+    extra = []
+    if r.get("fp32_conv_macs") and r.get("gemm_ceiling"):
+        mac, c = r["fp32_conv_macs"], r["gemm_ceiling"]
+        rate = lambda xs, a, b: sum(mac[a:b]) / sum(xs[a:b]) / 1e3  # noqa: E731 - MACs per us -> GMAC/s
+        extra = [
+            f"- Kernel ceiling on this CPU (MLAS, one 512^3 MatMul): FP32 {c['fp32_gmacs']} GMAC/s, u8 x s8 "
+            f"{c['int8_gmacs']} GMAC/s ({c['ratio']}x). The convs reach, FP32 vs INT8 (GMAC/s): layer1 "
+            f"{rate(f, 1, 7):.0f} vs {rate(o, 1, 7):.0f}, layer2 {rate(f, 7, 13):.0f} vs {rate(o, 7, 13):.0f}, layer3 "
+            f"{rate(f, 13, 19):.0f} vs {rate(o, 13, 19):.0f}, stem {rate(f, 0, 1):.0f} vs {rate(o, 0, 1):.0f}: FP32 runs "
+            "near its ceiling everywhere, INT8 reaches it only where channels are wide, so the end-to-end ratio is "
+            "set by the 16-channel layer1 and the stem, which are what ResNet-20 spends most of its time on.",
+        ]
     return [
         f"- ORT runs our graph as integer kernels end to end: {r['models']['int8_ours']['ort_graph']['summary']}.",
         f"- All conv kernels: FP32 {sum(f):.0f} us vs INT8 {sum(all_o):.0f} us (incl. the two shortcut convs, "
@@ -300,7 +396,7 @@ def findings(r: dict) -> list[str]:
         f"- The 9 residual adds cost {adds:.0f} us as QLinearAdd; FP32 fuses add + ReLU into its convs.",
         "- ORT's own quantize_static leaves the option-A shortcut as Slice/Concat/Gather and pays transposes "
         "around it; our export turns the shortcut into an exact 1x1 selection conv.",
-    ]
+    ] + extra
 
 
 if __name__ == "__main__":
