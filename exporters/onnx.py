@@ -1,4 +1,12 @@
-"""torch module -> ONNX: FP32, FP16, or QDQ (QuantizeLinear/DequantizeLinear) for quantized models."""
+"""torch module -> ONNX: FP32, FP16, or QDQ (QuantizeLinear/DequantizeLinear) for quantized models.
+
+Quantized models export as QDQ with int8/uint8 integers. Models quantized to 4 bits or fewer store their
+narrow grids as ONNX int4/uint4 (opset 21, `exporters.qdq.pack_int4`) when ONNX Runtime can run that graph
+(same values, weights packed two per byte); when it cannot (ORT's QDQ fusion rejects uint4 activations in
+front of a conv), or with `--precision int8`, they keep int8 containers. Either way the artifact's notes say
+what ORT's CPU provider executes as integer kernels and what it computes in float on dequantized values
+(simulated quantization): stock runtimes have no 4-bit conv kernels.
+"""
 from __future__ import annotations
 
 import warnings
@@ -25,8 +33,20 @@ def model_precision(model: nn.Module) -> str:
     return f"int{min(bits)}" if bits else "fp32"
 
 
+NARROW = ("int4", "int2")  # grids that fit ONNX int4/uint4
+
+
 def export_onnx(model: nn.Module, spec: InputSpec, out: Path, precision: str = "auto",
-                parity_images: torch.Tensor | None = None, check: bool = True, opset: int = OPSET) -> Artifact:
+                parity_images: torch.Tensor | None = None, check: bool = True, opset: int = OPSET,
+                int4: bool | None = None) -> Artifact:
+    """Export and (with `check`) parity-check against torch in ONNX Runtime.
+
+    `int4`: store a 4/2-bit model's narrow grids as ONNX int4/uint4 (opset 21). None (auto): yes for the final
+    artifact (`check`) of a model quantized to 4 bits or fewer, unless `precision` is "int8" or ONNX Runtime
+    rejects the int4 graph (then int8 containers, and a note says why); intermediates for other formats
+    (`check=False`: OpenVINO, ORT format, TensorRT) keep the int8 containers every converter reads. True:
+    int4 or a UserError saying why not.
+    """
     out = Path(out)
     native = model_precision(model)
     precision = native if precision == "auto" else precision
@@ -34,6 +54,15 @@ def export_onnx(model: nn.Module, spec: InputSpec, out: Path, precision: str = "
         raise UserError(f"--precision {precision} needs a quantized model: run `compress quantize` first")
     if native != "fp32" and not precision.startswith("int"):
         raise UserError(f"this model is quantized ({native}); export it with --precision {native} (or auto)")
+    if precision in NARROW and native not in NARROW:
+        raise UserError(f"--precision {precision} needs a model quantized to 4 bits or fewer; this one is {native} "
+                        f"(quantize with e.g. --bits w4a8)")
+    if precision == "int2" and native != "int2":
+        raise UserError(f"--precision int2 needs a 2-bit model; this one is {native}")
+    if int4 and native not in NARROW:
+        raise UserError(f"int4 storage needs a model quantized to 4 bits or fewer; this one is {native}")
+    want_int4 = bool(int4) if int4 is not None else (check and native in NARROW and precision != "int8")
+    tolerance = native if native in NARROW else precision  # the values are the narrow grid in either container
     model = model.eval()
     with atomic_path(out) as tmp:
         _torch_to_onnx(model, spec, tmp, opset)
@@ -48,13 +77,59 @@ def export_onnx(model: nn.Module, spec: InputSpec, out: Path, precision: str = "
             notes.append("FP16 weights; inputs and outputs stay FP32; FP16 compute only where the runtime has FP16 kernels")
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
+        if want_int4:
+            notes += _store_int4(proto, tmp, explicit=int4 is True)
         art = Artifact(str(out), "onnx", precision, _input_dict(spec), [OUTPUT_NAME], notes=notes)
+        if native != "fp32" and check:
+            art.notes.append(_execution_note(tmp))
         if check:
             from runtimes import open_session
 
             session = open_session(tmp, "onnxruntime")
-            art.parity = check_parity(model, session.run, parity_inputs(spec, parity_images), precision, f"ONNX {out.name}")
+            art.parity = check_parity(model, session.run, parity_inputs(spec, parity_images), tolerance, f"ONNX {out.name}")
     return art.finalize()
+
+
+def _store_int4(proto: onnx.ModelProto, path: Path, explicit: bool) -> list[str]:
+    """Rewrite `path` (holding `proto`, int8 containers) with int4/uint4 grids if ONNX Runtime runs that graph."""
+    from exporters.qdq import ort_rejects, pack_int4
+
+    packed, counts = pack_int4(proto)
+    if not counts["int4_weight_tensors"] and not counts["uint4_activation_grids"]:
+        return []
+    int8_bytes = path.stat().st_size
+    onnx.checker.check_model(packed)
+    trial = path.with_name(path.name + ".int4")
+    try:
+        onnx.save(packed, str(trial))
+        reason = ort_rejects(trial)
+        if reason is not None:
+            if explicit:
+                raise UserError(f"ONNX Runtime cannot run the int4 (opset 21) graph of this model ({reason[:160]}); "
+                                f"export with --precision int8 to keep int8 containers")
+            return [f"int8 containers for the 4/2-bit grids: ONNX Runtime rejects the int4/uint4 (opset 21) graph "
+                    f"at its default optimizations ({reason[:160]})"]
+        trial.replace(path)
+    finally:
+        trial.unlink(missing_ok=True)
+    return [f"4/2-bit grids stored as ONNX int4/uint4 (opset {packed.opset_import[0].version}): "
+            f"{counts['int4_weight_tensors']} int4 weight tensors (two per byte), {counts['uint4_activation_grids']} "
+            f"uint4 activation grids; {int8_bytes} -> {path.stat().st_size} bytes vs int8 containers "
+            f"(--precision int8 keeps int8 containers)"]
+
+
+def _execution_note(path: Path) -> str:
+    """What ONNX Runtime's CPU provider executes: integer kernels, or float on dequantized values (simulated)."""
+    from exporters.qdq import integer_kernel_report, ort_rejects
+
+    if ort_rejects(path) is not None:
+        return "ONNX Runtime CPU: does not load this graph at its default optimizations"
+    rep = integer_kernel_report(path)
+    convs = rep["convs"]
+    if rep["all_convs_integer"] or not convs["float"]:
+        return f"ONNX Runtime CPU executes integer kernels: {rep['summary']}"
+    return (f"ONNX Runtime CPU: simulated quantization for {convs['float']} of {convs['integer'] + convs['float']} "
+            f"convs (float compute on dequantized values, no faster than FP32): {rep['summary']}")
 
 
 def _torch_to_onnx(model: nn.Module, spec: InputSpec, path: Path, opset: int) -> None:

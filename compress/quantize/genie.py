@@ -16,7 +16,13 @@ Genie-M, as specified in research/quant-lowrank-methods.md §1.2, on the shared 
   the float one by QDrop): mean_{n,h,w} sum_c (f_q - y)^2 + lambda * sum (1 - |2h(V) - 1|^beta), beta
   20 -> 2 after a 20% warm-up; Adam on the steps (weights 1e-4, activations 4e-5, cosine) and on V (1e-3);
 * bit exceptions as the reference: first conv and last linear W8 with 8-bit inputs, and the second
-  quantized layer's input at 8 bits (the "BRECQ setting", `second_input_bits`).
+  quantized layer's input at 8 bits (the "BRECQ setting", `second_input_bits`);
+* the network input (the first conv's input; the reference leaves it in float, integer runtimes need it
+  quantized): by default (`input_grid=spec`) its grid is the exact normalized [0, 1] pixel range, from the
+  model's mean/std, and is not learned. Fitting it to the calibration images instead (`input_grid=calib`, what
+  every other activation does) clips real images when they are Genie-D images, which span about +-1.3 after
+  the generator's last BN where real CIFAR inputs span [-2.1, 2.6]: on ResNet-32 that alone cost W8A8 1.9 pt
+  (93.38 -> 91.13) and min-max W8A8 3.8 pt (benchmarks/results/quantization.md, Diagnosis).
 
 After reconstruction the rounding is made hard and *baked*: each weight is replaced by its hard-quantized
 value (exactly on the learned grid) and the quantizers become the plain shared WeightQuantizer /
@@ -40,7 +46,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from compress.errors import UserError
-from compress.io import LoadedModel
+from compress.io import InputSpec, LoadedModel
 from compress.progress import log, track
 from compress.quantize import METHODS
 from compress.quantize.fakequant import EPS, QUANT_LAYERS, ActQuantizer, FakeQuantizer, WeightQuantizer
@@ -55,6 +61,7 @@ RATIOS = torch.arange(100, 0, -1, dtype=torch.float32) / 100  # clip ratios 1.00
 GRID_SEARCH_MAX_VALUES = 1 << 21  # activation grid search on at most this many values (a seeded sample)
 KNOWN_BLOCKS = ("BasicBlock", "Bottleneck", "ResBottleneckBlock", "InvertedResidual", "DwsConvBlock", "ConvBlock")
 PLACEMENTS = ("auto", "runtime", "reference")
+INPUT_GRIDS = ("spec", "calib")
 CALIB_SOURCES = ("genie", "noise")
 
 
@@ -475,6 +482,11 @@ class GenieConfig(MethodConfig):
                                             "runs zero-point weights in float), the reference's asymmetric grid at A4")
     second_input_bits: int = option(8, "bits of the second quantized layer's input (BRECQ setting; 0: none)")
     first_last_bits: int = option(8, "bits for the first conv and the last linear, weights and inputs (0: none)")
+    input_grid: str = option("spec", "grid of the network input (the first conv's input): spec = the exact range "
+                             "of [0, 1] pixels after the model's mean/std normalization, fixed (needs no data; Genie-D "
+                             "images do not cover the real pixel range, which cost ResNet-32 W8A8 1.9 pt); calib = "
+                             "fitted and learned on the calibration images like every other activation",
+                             INPUT_GRIDS)
     placement: str = option("auto", "activation grids on every tensor integer runtimes need (runtime: also the "
                             "residual-add inputs and the pooled features), or on Conv/Linear inputs only (reference, as "
                             "Genie/BRECQ); auto: runtime at A8 (integer kernels), reference below (simulated anyway)",
@@ -539,6 +551,37 @@ def to_genie_quantizers(gm: fx.GraphModule, drop: float, seed: int = 0) -> None:
         container[key] = new
 
 
+def pixel_range(spec: InputSpec) -> tuple[float, float]:
+    """[min, max] over channels of (p - mean) / std for pixels p in [0, 1]: every value the model can be fed."""
+    mean, std = torch.tensor(spec.mean, dtype=torch.float64), torch.tensor(spec.std, dtype=torch.float64)
+    return float(((0.0 - mean) / std).min()), float(((1.0 - mean) / std).max())
+
+
+def fix_input_grids(gm: fx.GraphModule, spec: InputSpec) -> list[dict]:
+    """Grid of each activation quantizer reading the network input: the whole normalized pixel range, fixed.
+
+    Genie-D images are standardized per channel by the generator's last BN, so they span about +-1.3 where real
+    normalized pixels span [-2.1, 2.6] (CIFAR): a grid fitted on them clips real inputs (ResNet-32 W8A8 on
+    Genie-D data lost 1.9 pt, min-max 3.8 pt, all of it here). The reference leaves this input unquantized;
+    integer runtimes need it quantized, and its true range is known without data, so it is set from the
+    normalization (asymmetric, the 8-bit container's full grid) and excluded from learning.
+    """
+    lo, hi = pixel_range(spec)
+    done = []
+    for node in gm.graph.nodes:
+        if not (_act_node(gm, node) and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder"):
+            continue
+        q = gm.get_submodule(node.target)
+        if not isinstance(q, LSQActQuantizer) or not q.enabled:
+            continue
+        scale = (hi - lo) / (q.qmax - q.qmin)
+        q.set_qparams(torch.tensor([scale]), torch.tensor([q.qmin - round(lo / scale)]))
+        q.initialized = True
+        q.scale.requires_grad_(False)
+        done.append({"quantizer": node.target, "range": [round(lo, 6), round(hi, 6)], "bits": q.bits})
+    return done
+
+
 def bake(gm: nn.Module) -> None:
     """Hard rounding, for good: weights onto their learned grid, quantizers back to the plain shared ones."""
     for m in gm.modules():
@@ -585,7 +628,8 @@ def reconstruct_unit(unit: Unit, gm: nn.Module, x_fp: torch.Tensor, x_q: torch.T
     """Minimize the unit's output error (+ rounding loss) with QDrop-mixed inputs; ends in hard rounding."""
     wqs, aqs = unit.weight_quantizers(gm), unit.activation_quantizers(gm)
     groups = [g for g in ({"params": [q.scale for q in wqs], "lr": cfg.lr_w_scale},
-                          {"params": [q.scale for q in aqs], "lr": cfg.lr_a_scale}) if g["params"]]
+                          {"params": [q.scale for q in aqs if q.scale.requires_grad], "lr": cfg.lr_a_scale})
+              if g["params"]]
     opt_scale = torch.optim.Adam(groups) if groups else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_scale, T_max=cfg.recon_iters) if opt_scale else None
     opt_bit = torch.optim.Adam([q.bit_logit for q in wqs], lr=cfg.lr_bit) if wqs else None
@@ -642,9 +686,11 @@ def soft_hard_gap(unit: Unit, gm: nn.Module, x: torch.Tensor) -> float:
 
 
 def genie_quantize(model: nn.Module, images: torch.Tensor, cfg: GenieConfig, seed: int = 0,
-                   keep_learnable: bool = False) -> tuple[fx.GraphModule, dict]:
+                   keep_learnable: bool = False, spec: InputSpec | None = None) -> tuple[fx.GraphModule, dict]:
     """Genie-M on `model` (float, untouched) with calibration `images` (normalized N x C x H x W).
 
+    `spec`: the model's input normalization; with `cfg.input_grid == "spec"` the network-input grid covers the
+    normalized [0, 1] pixel range (without a spec: the default CIFAR normalization of InputSpec).
     Returns the quantized GraphModule (baked unless `keep_learnable`) and a summary.
     """
     cfg = cfg.resolved()
@@ -652,6 +698,7 @@ def genie_quantize(model: nn.Module, images: torch.Tensor, cfg: GenieConfig, see
     structure = cfg.structure()
     gm = build_structure(copy.deepcopy(model), structure)
     to_genie_quantizers(gm, cfg.qdrop, seed)
+    fixed_inputs = fix_input_grids(gm, spec or InputSpec()) if cfg.input_grid == "spec" else []
     units = find_units(gm)
     init_n = min(32, len(images))
     stats = []
@@ -670,6 +717,7 @@ def genie_quantize(model: nn.Module, images: torch.Tensor, cfg: GenieConfig, see
     if not keep_learnable:
         bake(gm)
     summary = {"units": [u.name for u in units], "reconstruction": stats, "structure": structure.to_edit(),
+               "input_grids": fixed_inputs,
                "undecided_bits_max": max((s["undecided_bits"] for s in stats), default=0.0),
                "seconds": round(time.perf_counter() - start, 2)}
     return gm.eval(), summary
@@ -728,7 +776,7 @@ class Genie(Method):
         cfg = cfg.resolved()
         images, calib = calibration_images(lm, cfg, ctx)
         log(f"Genie-M {cfg.bits} on {calib['images']} {calib['source']} images, {cfg.recon_iters} iterations per unit")
-        gm, summary = genie_quantize(lm.model, images, cfg, ctx.seed)
+        gm, summary = genie_quantize(lm.model, images, cfg, ctx.seed, spec=lm.spec)
         edit = summary["structure"]
         entry = {"stage": "quantize", "method": self.name, "config": asdict(cfg), "calibration": calib,
                  "genie": summary, "seconds": round(time.perf_counter() - start, 3)}

@@ -24,7 +24,9 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -74,9 +76,28 @@ def nncf_quantize(model: nn.Module, images: torch.Tensor, cfg: NNCFConfig, batch
     ds = nncf.Dataset([images[i:i + batch] for i in range(0, len(images), batch)])
     preset = nncf.QuantizationPreset.PERFORMANCE if cfg.nncf_preset == "performance" else nncf.QuantizationPreset.MIXED
     params = AdvancedQuantizationParameters(overflow_fix=OverflowFix.DISABLE)
-    with status("NNCF post-training quantization"):
+    with status("NNCF post-training quantization"), _stdout_to_stderr():
         return nncf.quantize(copy.deepcopy(model).eval(), ds, preset=preset, subset_size=math.ceil(len(images) / batch),
                              fast_bias_correction=cfg.fast_bias_correction, advanced_parameters=params)
+
+
+@contextmanager
+def _stdout_to_stderr():
+    """NNCF prints progress bars and INFO logs on stdout: send them to stderr (file-descriptor level, so that
+    handlers holding sys.stdout are covered too) and keep stdout for the command's own output (--json)."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real stdout (embedded use): nothing to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _nncf_quantizers(qmodel: nn.Module) -> list[nn.Module]:

@@ -4,6 +4,7 @@ the whole file runs in about a minute on 2 CPU cores."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import os
 import subprocess
 import sys
@@ -224,3 +225,39 @@ def test_calibration_sources(resnet20, spec, source, n):
     assert images.shape == (n, 3, 32, 32) and info["images"] == n and info["source"].startswith(source)
     if source in ("noise", "genie"):  # synthesized data is what the pipeline's manifest fingerprints
         assert ctx.dataset("calib").fingerprint() == info["fingerprint"]
+
+
+# --- the network-input grid: the exact normalized pixel range, not a fit to (synthetic) calibration images ----------
+def _input_grid_range(gm) -> tuple[float, float]:
+    q = gm.act_quant["x"]
+    s, z = float(q.scale), int(q.zero_point)
+    return (q.qmin - z) * s, (q.qmax - z) * s
+
+
+def test_input_grid_covers_the_pixel_range_and_is_not_learned(resnet20, calib):
+    """Genie-D images span about +-1.3 where real normalized CIFAR pixels span [-2.1, 2.6]: a grid fitted on them
+    clips every real image (ResNet-32 W8A8 lost 1.9 pt). `input_grid=spec` (the default) sets it from mean/std."""
+    from compress.quantize.genie import pixel_range
+
+    lo, hi = pixel_range(resnet20.spec)
+    assert lo < -2.0 and hi > 2.5
+    narrow = calib[:16] * 0.5  # calibration images that, like Genie-D's, do not reach the pixel extremes
+    cfg = GenieConfig(bits="w8a8", preset="smoke", recon_iters=3, lr_a_scale=0.5)  # a huge step lr: must not move it
+    gm, summary = genie_quantize(resnet20.model, narrow, cfg, seed=0, spec=resnet20.spec)
+    q_lo, q_hi = _input_grid_range(gm)
+    step = float(gm.act_quant["x"].scale)
+    assert q_lo <= lo + step and q_hi >= hi - step and step <= (hi - lo) / 255 * 1.01, (q_lo, q_hi, step)
+    assert summary["input_grids"] and summary["input_grids"][0]["quantizer"].endswith("x")
+    # the pixel extremes come back through the grid (no clipping) ...
+    x = torch.tensor([lo, hi]).view(1, 2, 1, 1).expand(1, 2, 2, 2).contiguous()
+    assert float((gm.act_quant["x"](x) - x).abs().max()) <= step / 2 + 1e-6
+    # ... where the grid fitted to the calibration images (input_grid=calib) clips them
+    gm_c, summary_c = genie_quantize(resnet20.model, narrow, replace(cfg, input_grid="calib", lr_a_scale=4e-5), seed=0)
+    c_lo, c_hi = _input_grid_range(gm_c)
+    assert not summary_c["input_grids"] and (c_hi < 0.8 * hi or c_lo > 0.8 * lo), (c_lo, c_hi)
+
+
+def test_cli_rejects_a_bad_input_grid(tmp_path):
+    r = run_cli("quantize", RESNET20, "--arch", "resnet20", "--method", "genie", "--input-grid", "pixels",
+                "-o", tmp_path / "q.pt")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
