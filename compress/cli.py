@@ -189,12 +189,16 @@ lowrank = _compress_verb("lowrank", "Factorize MODEL's Linear and Conv layers in
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", default="onnx", show_default=True, help="onnx | openvino | ort | tensorrt.")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Bake this batch size into the artifact (default: a dynamic batch axis). A fixed shape lets the "
+                   "runtime plan for it: OpenVINO runs batch 1 10-20% faster.")
 @click.option("--precision", default="auto", show_default=True,
               help="auto (the model's own) | fp32 | fp16 | int8 (needs a quantized model).")
 @model_options
 @data_options
 @output_options
-def export(model: Path, fmt: str, precision: str, output: Path | None, as_json: bool, save_recipe: Path | None, **kw) -> None:
+def export(model: Path, fmt: str, batch: int | None, precision: str, output: Path | None, as_json: bool,
+           save_recipe: Path | None, **kw) -> None:
     """Export MODEL to a runtime format; the artifact is kept only if it matches torch (parity check)."""
     from compress.report import print_artifacts
     from exporters import EXPORTERS, SUFFIX
@@ -202,6 +206,8 @@ def export(model: Path, fmt: str, precision: str, output: Path | None, as_json: 
     EXPORTERS.get(fmt)
     out = Path(output) if output else Path(model.stem + SUFFIX.get(fmt, "." + fmt))
     stage = {"stage": "export", "formats": [fmt], "precision": precision, "variants": ["original"], "output": str(out)}
+    if batch:
+        stage["batch"] = batch
     _, result = _run(_recipe(str(model), kw, [stage]), out.parent, save_recipe)
     _emit({"artifacts": result.artifacts}, as_json, lambda: print_artifacts(result.artifacts))
 

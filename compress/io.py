@@ -34,13 +34,14 @@ class InputSpec:
     mean: tuple[float, ...] = CIFAR_MEAN
     std: tuple[float, ...] = CIFAR_STD
     name: str = "input"
+    batch: int | None = None  # exported artifacts: None = dynamic batch axis, N = fixed (`compress export --batch N`)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":
-        return cls(tuple(d["shape"]), tuple(d["mean"]), tuple(d["std"]), d.get("name", "input"))
+        return cls(tuple(d["shape"]), tuple(d["mean"]), tuple(d["std"]), d.get("name", "input"), d.get("batch"))
 
     def example(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
         return torch.randn((batch, *self.shape), generator=torch.Generator().manual_seed(seed))

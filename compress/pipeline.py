@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -178,6 +178,9 @@ class Pipeline:
             raise UserError("export needs an output folder (-o)")
         formats = stage.get("formats") or [stage.get("format", "onnx")]
         precision = stage.get("precision", "auto")
+        batch = stage.get("batch")
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            raise UserError(f"export: batch must be a positive integer (a fixed batch size), got {batch!r}")
         names = stage.get("variants", "all")
         variants = list(self.result.variants.values()) if names == "all" else [self.result.variants[n] for n in names]
         parity_x = self._parity_images()
@@ -188,7 +191,8 @@ class Pipeline:
             for fmt in formats:
                 path = Path(stage["output"]) if stage.get("output") else self.out_dir / f"{v.name}{SUFFIX.get(fmt, '.' + fmt)}"
                 log(f"[bold]export[/] {v.name} -> {path.name}")
-                art = EXPORTERS.get(fmt)(v.lm.model, v.lm.spec, path, precision, parity_x).to_dict()
+                spec = replace(v.lm.spec, batch=batch)  # batch None: a dynamic batch axis
+                art = EXPORTERS.get(fmt)(v.lm.model, spec, path, precision, parity_x).to_dict()
                 art["variant"] = v.name
                 if stage.get("eval", True) and self.eval_sets:
                     art["accuracy"] = self._accuracy_artifact(art)

@@ -133,14 +133,16 @@ def _execution_note(path: Path) -> str:
 
 
 def _torch_to_onnx(model: nn.Module, spec: InputSpec, path: Path, opset: int) -> None:
-    x = spec.example(batch=1)
+    x = spec.example(batch=spec.batch or 1)
+    # a fixed batch (edge apps run one shape) lets runtimes plan for it: OpenVINO's CPU plugin is 10-20% faster
+    dynamic = None if spec.batch else {spec.name: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             # the TorchScript-based exporter: fast, and it lowers fake-quant ops to Q/DQ pairs
             torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset,
                               input_names=[spec.name], output_names=[OUTPUT_NAME],
-                              dynamic_axes={spec.name: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                              dynamic_axes=dynamic)
     except Exception as e:  # noqa: BLE001 - exporter failures come in many types; report the first line
         raise UserError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
 
@@ -172,4 +174,4 @@ def _topological_sort(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _input_dict(spec: InputSpec) -> dict:
-    return {"name": spec.name, "shape": [None, *spec.shape], "mean": list(spec.mean), "std": list(spec.std)}
+    return {"name": spec.name, "shape": [spec.batch, *spec.shape], "mean": list(spec.mean), "std": list(spec.std)}

@@ -82,7 +82,8 @@ class TensorInfo:
             raise UserError(f"input {self.name!r}: the artifact does not record its shape; give one with --shape C,H,W")
         head, rest = self.shape[0] if self.shape else None, self.shape[1:]
         if isinstance(head, int) and head != batch:
-            raise UserError(f"input {self.name!r} has a fixed batch of {head}; export with a dynamic batch for --batch {batch}")
+            raise UserError(f"input {self.name!r} has a fixed batch of {head}: use --batch {head}, or export with a dynamic "
+                            f"batch for --batch {batch}")
         if any(not isinstance(d, int) for d in rest):
             raise UserError(f"input {self.name!r} has dynamic dimensions {list(self.shape)}; give one with --shape C,H,W")
         return (batch, *rest)  # type: ignore[return-value]
@@ -111,6 +112,9 @@ class Session(ABC):
             raise UserError(f"{self.path.name} has {len(self.inputs)} inputs; Session.run feeds exactly one")
         # the artifact's input dtype: an FP16-IO model takes the float32 arrays every caller has
         x = np.ascontiguousarray(x, dtype=self.inputs[0].dtype)
+        fixed = self.fixed_batch
+        if fixed is not None and x.ndim and len(x) != fixed:
+            return self._run_in_fixed_batches(x, fixed)
         try:
             return np.asarray(self._run(x))
         except UserError:
@@ -118,6 +122,23 @@ class Session(ABC):
         except Exception as e:  # noqa: BLE001 - runtimes raise their own types; one line says what broke
             raise UserError(f"{self.runtime} could not run {self.path.name} on an input of shape {list(x.shape)} "
                             f"(expects {self.inputs[0].shape}): {first_line(e)}") from None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size baked into the artifact (`compress export --batch N`), None when it is dynamic."""
+        shape = self.inputs[0].shape if self.inputs else None
+        return shape[0] if shape and isinstance(shape[0], int) else None
+
+    def _run_in_fixed_batches(self, x: np.ndarray, fixed: int) -> np.ndarray:
+        """Accuracy and parity feed any number of samples: chunks of the fixed batch, the last one zero-padded."""
+        outs = []
+        for i in range(0, len(x), fixed):
+            chunk = x[i:i + fixed]
+            n = len(chunk)
+            if n < fixed:
+                chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
+            outs.append(self.run(chunk)[:n])
+        return np.concatenate(outs)
 
     def example_input(self, batch: int = 1, seed: int = 0, sample_shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Seeded standard-normal input: the same bytes on every machine for the same seed."""
