@@ -1,6 +1,6 @@
 """Pruning benchmark: Beta-Rank, HRank, polarization, FTWT against L1 and random at equal FLOPs, on real weights.
 
-    python benchmarks/pruning.py                     # the full run (~60 min on 2 shared CPU cores)
+    python benchmarks/pruning.py                     # ResNet-20 + ResNet-32 (~25 min for ResNet-20 alone on 2 cores)
     python benchmarks/pruning.py --quick             # smoke run: ResNet-20, one target, a few steps (~5 min)
     python benchmarks/pruning.py --models resnet20 --targets 0.5 --ft-steps 100
 
@@ -11,6 +11,9 @@ FLOPs, params, and ORT CPU p50 latency (1 thread, fresh process, devices.profile
 Accuracy is top-1 on the JPEG CIFAR-10 test set (dense ResNet-20: 81.0% there, not 91.7%); "before" uses the first
 --eval-before images, "after" the whole set. One imbalanced experiment: classes 5-9 keep 10% of their training
 images; the static criteria rank and fine-tune on that subset, and minority recall is reported.
+Latency-target rows (--latency-rows, or --latency-methods, --speedup, --round-to): widths chosen from measured ORT
+latency on a grid of channel multiples; they are fine-tuned for --goal-epochs (the equal-FLOPs rows for --epochs).
+--merge keeps the rows of the existing pruning.json that this run does not redo (each row records its own run).
 Writes benchmarks/results/pruning.json and pruning.md (with the load average: the machine is shared).
 """
 from __future__ import annotations
@@ -35,6 +38,7 @@ os.environ.setdefault("COMPRESS_NO_PROGRESS", "1")
 
 from compress.assets import data_path  # noqa: E402
 from compress.data import Dataset, load_dataset  # noqa: E402
+from compress.errors import UserError  # noqa: E402
 from compress.finetune import finetune  # noqa: E402
 from compress.io import LoadedModel, zoo_model  # noqa: E402
 from compress.metrics import count_flops, count_params, predict, top1  # noqa: E402
@@ -96,8 +100,11 @@ def latency(model: torch.nn.Module, lm: LoadedModel, tmp: Path, name: str, parit
             "parity_max_abs_err": art.parity.get("max_abs_err")}
 
 
-def method_config(method: str, target: float, args, latency_ms: float | None = None) -> dict:
+def method_config(method: str, target: float, args, latency_ms: float | None = None, round_to: int = 0) -> dict:
     cfg = {"flops_target": target} if latency_ms is None else {"latency_target": round(latency_ms, 4)}
+    if latency_ms is not None and round_to:
+        cfg["round_to"] = round_to  # else the default grid step (targets.latency_step)
+    cfg["bn_recalibration"] = 0  # 'acc before FT' is the raw pruned model; the benchmark recalibrates a copy
     if method in ("beta-rank", "hrank"):
         cfg["rank_batch_size"] = 128
     if method == "polarization":
@@ -109,11 +116,12 @@ def method_config(method: str, target: float, args, latency_ms: float | None = N
 
 def run_one(lm: LoadedModel, method: str, target: float, ctx: Context, test: Dataset, before_set: Dataset,
             args, tmp: Path, parity: torch.Tensor, dense: dict, ft_ctx: Context | None = None,
-            minority: bool = False, latency_ms: float | None = None) -> dict:
+            minority: bool = False, latency_ms: float | None = None, epochs: int | None = None,
+            round_to: int = 0) -> dict:
     t0 = time.perf_counter()
     m = METHODS.get(method)
     torch.manual_seed(args.seed)
-    cfg = build_config(m, method_config(method, target, args, latency_ms))
+    cfg = build_config(m, method_config(method, target, args, latency_ms, round_to))
     out = m.apply(copy.deepcopy(lm), cfg, ctx)
     model = out.model.eval()
     h = out.history[-1]
@@ -122,8 +130,10 @@ def run_one(lm: LoadedModel, method: str, target: float, ctx: Context, test: Dat
            "flops": count_flops(model, lm.spec.shape), "params": count_params(model), "seconds_prune": round(t_prune, 1)}
     row["flops_reduction"] = round(1 - row["flops"] / dense["flops"], 4)
     row["acc_before_ft"], logits_b = accuracy(model, before_set, ctx)
-    row["acc_before_ft_bn_recal"], _ = accuracy(bn_recalibrated(model, ctx), before_set, ctx)
-    for key in ("ratio", "latency_measured_ms", "latency_dense_ms", "consensus_agreement", "consensus_flops_fraction", "r", "firing_histogram",
+    model = bn_recalibrated(model, ctx)  # fine-tuning starts from the recalibrated model
+    row["acc_before_ft_bn_recal"], _ = accuracy(model, before_set, ctx)
+    row["widths"] = sorted({m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)})
+    for key in ("ratio", "round_to", "latency_measured_ms", "latency_dense_ms", "consensus_agreement", "consensus_flops_fraction", "r", "firing_histogram",
                 "open_frequency_histogram", "adjusted", "stability"):
         if key in h:
             row[key] = h[key] if key != "stability" else {k: v for k, v in h[key].items() if k != "per_layer"}
@@ -132,8 +142,9 @@ def run_one(lm: LoadedModel, method: str, target: float, ctx: Context, test: Dat
     t1 = time.perf_counter()
     teacher = lm.model.eval()
     log: list[dict] = []
-    finetune(model, ft_ctx or ctx, args.epochs, lr=args.lr, batch_size=128, teacher=teacher, distill=True,
-             max_steps=args.ft_steps, log=log)
+    row["ft_epochs"] = epochs or args.epochs
+    finetune(model, ft_ctx or ctx, row["ft_epochs"], lr=args.lr, batch_size=128, teacher=teacher, distill=True,
+             max_steps=args.ft_steps or None, log=log)
     row["ft_steps"] = log[-1]["steps"] if log else 0
     row["seconds_ft"] = round(time.perf_counter() - t1, 1)
     row["acc_after_ft"], logits_a = accuracy(model, test, ctx)
@@ -178,19 +189,28 @@ def main() -> None:
     ap.add_argument("--models", default="resnet20,resnet32")
     ap.add_argument("--targets", default="0.6,0.4", help="FLOPs fractions kept (0.6 = 40%% reduction)")
     ap.add_argument("--methods", default=",".join(ALL_METHODS))
-    ap.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (<= 3), capped by --ft-steps")
-    ap.add_argument("--ft-steps", type=int, default=80, help="fine-tuning optimizer steps (batch 128) per model")
+    ap.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (<= 3) of the equal-FLOPs rows")
+    ap.add_argument("--goal-epochs", type=int, default=3, help="fine-tuning epochs (<= 3) of the latency-target rows")
+    ap.add_argument("--ft-steps", type=int, default=0, help="cap on fine-tuning optimizer steps per row (0: none)")
     ap.add_argument("--train-steps", type=int, default=80, help="gate / predictor training steps (polarization, ftwt)")
-    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=0.01, help="fine-tuning lr (SGD, cosine to 0 over the run)")
     ap.add_argument("--eval-before", type=int, default=2000, help="test images for the accuracy before fine-tuning")
     ap.add_argument("--eval-after", type=int, default=10000, help="test images for the accuracy after fine-tuning")
     ap.add_argument("--iterations", type=int, default=300, help="latency iterations per artifact")
     ap.add_argument("--no-latency", dest="latency", action="store_false")
     ap.add_argument("--speedup", type=float, default=1.7,
                     help="also run --latency-methods with latency_target = dense p50 / this (0: skip)")
-    ap.add_argument("--latency-methods", default="beta-rank,polarization")
+    ap.add_argument("--latency-methods", default="l1,beta-rank")  # with --speedup 1.7 and the default grid (8)
+    ap.add_argument("--round-to", type=int, default=0,
+                    help="channel multiple of the latency-target rows (0: the default grid step, 8)")
+    ap.add_argument("--latency-rows", default="",
+                    help="latency rows as METHOD@SPEEDUPxBLOCK,... (e.g. beta-rank@1.6x16,l1@1.7x8); overrides the three above")
+    ap.add_argument("--latency-first", action="store_true", help="run the latency rows before the equal-FLOPs rows")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the models (and imbalanced experiment) of the existing pruning.json this run does not redo")
     ap.add_argument("--no-imbalanced", dest="imbalanced", action="store_false")
-    ap.add_argument("--imbalanced-steps", type=int, default=80)
+    ap.add_argument("--imbalanced-steps", type=int, default=0, help="fine-tuning step cap there (0: --epochs)")
+    ap.add_argument("--notes", type=Path, default=None, help="a findings text (markdown) to put under the tables")
     ap.add_argument("--quick", action="store_true", help="smoke run: resnet20, target 0.5, a few steps, small eval")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
@@ -199,6 +219,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.models, args.targets, args.ft_steps, args.train_steps = "resnet20", "0.5", 5, 5
+        args.goal_epochs = 1
         args.eval_before, args.eval_after, args.iterations, args.imbalanced_steps = 300, 500, 50, 5
     set_quiet(True)
     torch.set_num_threads(args.threads)
@@ -211,6 +232,9 @@ def main() -> None:
     test = test_full.subset(None, indices=np.arange(min(args.eval_after, len(test_full))))
     before_set = test_full.subset(None, indices=np.arange(min(args.eval_before, len(test_full))))
     methods = [m for m in args.methods.split(",") if m]
+    previous = {}
+    if args.merge and (args.out / "pruning.json").is_file():
+        previous = json.loads((args.out / "pruning.json").read_text())
     targets = [float(t) for t in args.targets.split(",") if t]
     results: dict = {"schema": "compress.bench.pruning/1", "created": started.isoformat(timespec="seconds"),
                      "host": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -219,9 +243,26 @@ def main() -> None:
                      "data": {"train": "cifar10_train20k_jpeg.npz", "test": "cifar10_test_jpeg.npz",
                               "eval_before": len(before_set), "eval_after": len(test)},
                      "models": {}, "imbalanced": None}
+    run_models = [a for a in args.models.split(",") if a]
+    kept_rows: dict[str, list[dict]] = {}  # --merge: rows of other runs keep their own settings and dense baseline
+    for arch, entry in previous.get("models", {}).items():
+        settings, created = entry.get("settings", previous.get("settings")), entry.get("created", previous.get("created"))
+        rows = [{**row, "settings": row.get("settings", settings), "created": row.get("created", created),
+                 "dense_p50_ms": row.get("dense_p50_ms", entry["dense"].get("p50_ms"))} for row in entry["rows"]]
+        if arch not in run_models:
+            results["models"][arch] = {**entry, "rows": rows, "settings": settings, "created": created}
+        else:
+            kept_rows[arch] = rows
+    if previous.get("imbalanced") and not args.imbalanced:
+        results["imbalanced"] = previous["imbalanced"]
+    if args.notes:
+        results["notes"] = args.notes.read_text()
+    elif previous.get("notes"):
+        results["notes"] = previous["notes"]
     with tempfile.TemporaryDirectory(prefix="bench-prune-") as tmpdir:
         tmp = Path(tmpdir)
-        for arch in [a for a in args.models.split(",") if a]:
+        failures: list[dict] = []
+        for arch in run_models:
             lm = zoo_model(arch)
             ctx = Context(spec=lm.spec, data={"train": train_spec}, seed=args.seed)
             parity = ctx.normalizer()(test.images[:16])
@@ -234,15 +275,35 @@ def main() -> None:
                   f"FLOPs {dense['flops'] / 1e6:.1f}M" + (f", p50 {dense['p50_ms']:.3f} ms" if args.latency else ""),
                   flush=True)
             rows = []
-            plan = [(m, t, None) for t in targets for m in methods]
-            if args.latency and args.speedup:
-                ms = dense["p50_ms"] / args.speedup
-                plan += [(m, 0.0, ms) for m in args.latency_methods.split(",") if m in methods]
-            for method, target, lat_ms in plan:
-                rows.append(run_one(lm, method, target, ctx, test, before_set, args, tmp, parity, dense,
-                                    latency_ms=lat_ms))
-                _write(results | {"models": {**results["models"], arch: {"dense": dense, "rows": rows}}}, args)
-            results["models"][arch] = {"dense": dense, "rows": rows}
+            plan = [(m, t, None, args.epochs, None, 0) for t in targets for m in methods]
+            if args.latency:
+                lat_plan = [(m, 0.0, dense["p50_ms"] / sp, args.goal_epochs, sp, rt) for m, sp, rt in latency_rows(args)]
+                plan = lat_plan + plan if args.latency_first else plan + lat_plan
+            redo = {row_key(m, t, sp, rt) for m, t, _, _, sp, rt in plan}
+            rows = [row for row in kept_rows.get(arch, []) if row_key(row["method"], row["flops_target"],
+                    row.get("speedup_target"), row.get("round_to_arg")) not in redo]
+            for method, target, lat_ms, epochs, sp, rt in plan:
+                try:
+                    row = run_one(lm, method, target, ctx, test, before_set, args, tmp, parity, dense,
+                                  latency_ms=lat_ms, epochs=epochs, round_to=rt)
+                except UserError as e:  # e.g. a latency target out of reach at this channel block: say so, go on
+                    print(f"  {method:12s} {'latency' if lat_ms else target}: FAILED: {e}", flush=True)
+                    failures.append({"model": arch, "method": method, "flops_target": target,
+                                     "latency_target_ms": lat_ms, "round_to": rt or None, "error": str(e)})
+                    results["failures"] = failures
+                    _write(results, args)
+                    continue
+                row.update(created=started.isoformat(timespec="seconds"), dense_p50_ms=dense.get("p50_ms"),
+                           settings=run_settings(args))
+                if lat_ms is not None:
+                    row.update(speedup_target=sp, round_to_arg=rt)
+                rows.append(row)
+                rows.sort(key=lambda x: (x.get("latency_target_ms") is not None, -x["flops_target"],
+                                         ALL_METHODS.index(x["method"]) if x["method"] in ALL_METHODS else 99,
+                                         x.get("round_to") or 0))
+                results["models"][arch] = {"dense": dense, "rows": rows, "settings": run_settings(args),
+                                           "created": started.isoformat(timespec="seconds")}
+                _write(results, args)
         if args.imbalanced:
             results["imbalanced"] = run_imbalanced(args, tmp, test, before_set, train_spec)
     results["seconds_total"] = round(time.perf_counter() - t_start, 1)
@@ -259,7 +320,7 @@ def run_imbalanced(args, tmp: Path, test: Dataset, before_set: Dataset, train_sp
     spec = save_npz(sub, tmp / "imbalanced.npz")
     ctx = Context(spec=lm.spec, data={"train": spec}, seed=args.seed)
     sub_args = copy.copy(args)
-    sub_args.ft_steps = args.imbalanced_steps
+    sub_args.ft_steps = args.imbalanced_steps  # 0: the --epochs of the equal-FLOPs rows
     sub_args.latency = False
     dense = {"flops": count_flops(lm.model, lm.spec.shape)}
     dense["acc"], logits = accuracy(lm.model, test, ctx)
@@ -271,7 +332,31 @@ def run_imbalanced(args, tmp: Path, test: Dataset, before_set: Dataset, train_sp
     rows = [run_one(lm, m, target, ctx, test, before_set, sub_args, tmp, None, dense, minority=True)
             for m in STATIC if m in args.methods.split(",")]
     return {"train_images": len(sub), "minority_classes": MINORITY, "minority_fraction": 0.1,
-            "flops_target": target, "dense": dense, "rows": rows}
+            "flops_target": target, "dense": dense, "rows": rows, "settings": run_settings(args)}
+
+
+def latency_rows(args) -> list[tuple[str, float, int]]:
+    """(method, speed-up goal, channel block) of the latency-target rows: --latency-rows, else every
+    --latency-methods at --speedup and --round-to."""
+    if args.latency_rows:
+        out = []
+        for item in args.latency_rows.split(","):
+            method, _, rest = item.partition("@")
+            sp, _, rt = rest.partition("x")
+            out.append((method, float(sp), int(rt or 0)))
+        return out
+    if not args.speedup:
+        return []
+    return [(m, args.speedup, args.round_to) for m in args.latency_methods.split(",") if m]
+
+
+def row_key(method: str, flops_target: float, speedup_target, round_to) -> tuple:
+    """What a row measures (for --merge): method and budget; latency rows by their speed-up goal and channel block."""
+    return (method, round(float(flops_target), 4), speedup_target or None, round_to or None)
+
+
+def run_settings(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 def _write(results: dict, args) -> None:
@@ -280,40 +365,91 @@ def _write(results: dict, args) -> None:
     (args.out / "pruning.md").write_text(markdown(results))
 
 
-def markdown(r: dict) -> str:
-    s = r["settings"]
-    lines = ["# Pruning benchmark", "",
-             f"Created {r['created']} on {r['host']['platform']} ({r['host']['cpus']} CPUs shared with other jobs; "
-             f"load average at start {r['host']['load_avg_start']}, at end {r['host'].get('load_avg_end', '-')}). "
-             f"Total {r.get('seconds_total', 0) / 60:.1f} min.", "",
-             f"Fine-tuning: KD from the dense model on cifar10_train20k_jpeg, {s['ft_steps']} steps of batch 128 "
-             f"(lr {s['lr']}, cosine); polarization / FTWT train {s['train_steps']} steps before extraction. "
-             f"Accuracy: top-1 % on the JPEG CIFAR-10 test set; 'before FT' on the first {r['data']['eval_before']} "
-             f"images, 'after FT' on {r['data']['eval_after']}. Latency: ONNX Runtime CPU p50, 1 thread, batch 1, "
-             f"fresh process; speed-up vs the dense export measured the same way. Load average per row in the JSON.", ""]
+def goal_check(r: dict) -> list[str]:
+    """The issue's goals, checked on the rows as measured (no row is picked by hand)."""
+    out = []
     for arch, m in r["models"].items():
-        d = m["dense"]
+        d, rows = m["dense"], m["rows"]
+        big = [x for x in rows if x["flops_reduction"] >= 0.5]
+        both = [x for x in big if x["drop_after_ft"] <= 1.0 and x.get("speedup", 0) >= 1.6]
+        if big:
+            best = min(big, key=lambda x: x["drop_after_ft"])
+            fast = max(big, key=lambda x: x.get("speedup", 0))
+            out.append(f"- {arch}, >= 50% FLOPs reduction: {'MET' if both else 'MISSED'} "
+                       f"(<= 1.0 pt drop and >= 1.6x in one row: {len(both)} of {len(big)} rows). Smallest drop "
+                       f"{best['drop_after_ft']:+.2f} pt ({best['method']}, {_budget(best)}, "
+                       f"-{best['flops_reduction']:.1%} FLOPs, {best.get('speedup', '-')}x); fastest "
+                       f"{fast.get('speedup', '-')}x ({fast['method']}, {_budget(fast)}, drop {fast['drop_after_ft']:+.2f} pt).")
+        for t in sorted({x["flops_target"] for x in rows if not x.get("latency_target_ms")}):
+            by = {x["method"]: x for x in rows if x["flops_target"] == t and not x.get("latency_target_ms")}
+            if "beta-rank" in by and "l1" in by:
+                b, l1 = by["beta-rank"], by["l1"]
+                out.append(f"- {arch}, FLOPs kept {t}: Beta-Rank vs L1 before fine-tuning: raw {b['acc_before_ft']:.2f} "
+                           f"vs {l1['acc_before_ft']:.2f}, after BN recalibration {b['acc_before_ft_bn_recal']:.2f} vs "
+                           f"{l1['acc_before_ft_bn_recal']:.2f} ("
+                           f"{'at least as good' if b['acc_before_ft_bn_recal'] >= l1['acc_before_ft_bn_recal'] else 'worse'}"
+                           f" after recalibration).")
+    imb = r.get("imbalanced")
+    if imb:
+        by = {x["method"]: x for x in imb["rows"]}
+        if "beta-rank" in by and "l1" in by:
+            b, l1 = by["beta-rank"], by["l1"]
+            out.append(f"- imbalanced subset: Beta-Rank vs L1, BN-recalibrated before FT {b['acc_before_ft_bn_recal']:.2f} vs "
+                       f"{l1['acc_before_ft_bn_recal']:.2f}; after FT {b['acc_after_ft']:.2f} vs {l1['acc_after_ft']:.2f}, "
+                       f"minority recall {b['minority_recall_after_ft']:.2f} vs {l1['minority_recall_after_ft']:.2f}.")
+    return out
+
+
+def _budget(row: dict) -> str:
+    if row.get("latency_target_ms"):
+        return f"latency {row['latency_target_ms']:.3f} ms" + (f", x{row['round_to']}" if row.get("round_to") else "")
+    return f"FLOPs {row['flops_target']:.2f}"
+
+
+def markdown(r: dict) -> str:
+    lines = ["# Pruning benchmark", "",
+             f"Last run created {r['created']} on {r['host']['platform']} ({r['host']['cpus']} CPUs shared with other jobs; "
+             f"load average at start {r['host']['load_avg_start']}, at end {r['host'].get('load_avg_end', '-')}). "
+             f"This run: {r.get('seconds_total', 0) / 60:.1f} min. Command: `python benchmarks/pruning.py` with the "
+             f"settings in pruning.json (per model).", "",
+             "Fine-tuning: KD from the dense model (T = 4, 0.9 KD + 0.1 cross-entropy) on cifar10_train20k_jpeg, "
+             "batch 128, SGD momentum 0.9, cosine lr to 0, starting from the BN-recalibrated pruned model; the "
+             "'FT ep' column gives the epochs. 'acc before FT' is the raw pruned model (every method alike, no "
+             "recalibration); 'BN recal.' re-estimates BatchNorm statistics on 1024 unlabeled training images. "
+             "Accuracy: top-1 % on the JPEG CIFAR-10 test set; 'before' columns on the first "
+             f"{r['data']['eval_before']} images, 'after FT' on {r['data']['eval_after']}. Note that fine-tuning on "
+             "JPEG training images also adapts the model to the JPEG test domain, which the dense baseline never saw. "
+             "Latency: ONNX Runtime CPU p50, 1 thread, batch 1, fresh process; speed-up vs the dense export measured "
+             "the same way. Latency rows: per-group widths chosen greedily from a measured per-layer latency table "
+             f"(multiples of the 'x' channel block), target = dense p50 / the speed-up goal "
+             f"({r['settings'].get('speedup')}x in this run); 'FT ep' epochs of fine-tuning.", "",
+             "## Goals (checked automatically on the rows below)", "", *goal_check(r), ""]
+    for arch, m in sorted(r["models"].items()):
+        d, s = m["dense"], m.get("settings") or r["settings"]
         lines += [f"## {arch}: dense {d['acc']:.2f}% ({d.get('acc_before_set', 0):.2f}% on the 'before' subset), "
                   f"{d['flops'] / 1e6:.1f} MFLOPs, {d['params'] / 1e3:.0f}k params"
                   + (f", p50 {d['p50_ms']:.3f} ms" if "p50_ms" in d else ""), "",
-                  "| method | budget (FLOPs kept / latency) | FLOPs reduction | params | acc before FT | before FT, BN recal. "
-                  "| acc after FT | drop | p50 ms | speed-up |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"lr {s['lr']}; polarization / FTWT train {s['train_steps']} steps before extraction"
+                  + (f"; rows from the run of {m['created']}" if m.get("created") else "") + ".", "",
+                  "| method | budget | FLOPs reduction | params | widths | acc before FT | BN recal. "
+                  "| FT ep | acc after FT | drop | p50 ms | speed-up |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in m["rows"]:
-            budget = (f"{row['flops_target']:.2f}" if not row.get("latency_target_ms")
-                      else f"latency {row['latency_target_ms']:.3f} ms")
-            lines.append(f"| {row['method']} | {budget} | {row['flops_reduction']:.1%} | "
-                         f"{row['params'] / 1e3:.0f}k | {row['acc_before_ft']:.2f} | {row['acc_before_ft_bn_recal']:.2f} | "
+            ep = row.get("ft_epochs", "-")
+            lines.append(f"| {row['method']} | {_budget(row)} | {row['flops_reduction']:.1%} | "
+                         f"{row['params'] / 1e3:.0f}k | {','.join(map(str, row.get('widths', [])))} | "
+                         f"{row['acc_before_ft']:.2f} | {row['acc_before_ft_bn_recal']:.2f} | {ep} | "
                          f"{row['acc_after_ft']:.2f} | "
                          f"{row['drop_after_ft']:+.2f} | {row.get('p50_ms', '-')} | {row.get('speedup', '-')} |")
         lines.append("")
     imb = r.get("imbalanced")
     if imb:
         d = imb["dense"]
+        steps = imb["rows"][0].get("ft_steps", "-") if imb["rows"] else "-"
         lines += [f"## Imbalanced: ResNet-20, classes {imb['minority_classes']} at {imb['minority_fraction']:.0%} "
                   f"({imb['train_images']} training images), FLOPs kept {imb['flops_target']}",
-                  "", f"Dense: {d['acc']:.2f}% overall, minority recall {d['minority_recall']:.2f}%. Ranking and "
-                  f"fine-tuning ({s['imbalanced_steps']} steps) use the imbalanced subset only.", "",
+                  "", f"Dense: {d['acc']:.2f}% overall, minority recall {d['minority_recall']:.2f}%. Ranking, BN "
+                  f"recalibration and fine-tuning ({steps} steps) use the imbalanced subset only.", "",
                   "| method | FLOPs reduction | acc before FT | BN recal. | minority recall before | acc after FT "
                   "| minority recall after |",
                   "|---|---|---|---|---|---|---|"]
@@ -322,6 +458,13 @@ def markdown(r: dict) -> str:
                          f"{row['acc_before_ft_bn_recal']:.2f} | {row['minority_recall_before_ft']:.2f} | {row['acc_after_ft']:.2f} | "
                          f"{row['minority_recall_after_ft']:.2f} |")
         lines.append("")
+    for f in r.get("failures") or []:
+        lines += [f"Failed: {f['model']} {f['method']} "
+                  + (f"latency {f['latency_target_ms']:.3f} ms (x{f['round_to'] or 'auto'})" if f.get("latency_target_ms")
+                     else f"FLOPs {f['flops_target']}") + f": {f['error']}", ""]
+    notes = (r.get("notes") or "").strip()
+    if notes:
+        lines += ["## Findings", "", notes, ""]
     return "\n".join(lines)
 
 

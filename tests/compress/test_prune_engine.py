@@ -178,3 +178,72 @@ def test_kd_finetune_lowers_loss_without_labels(r20, train20k, tmp_path):
     assert loss() < 0.6 * before
     with pytest.raises(UserError, match="labels"):
         finetune(student, ctx, epochs=1, teacher=None)
+
+
+# ---- SIMD-aligned widths (round_to) and latency budgets for the baselines ----------------------------------
+
+def test_latency_grid_and_allocation_follow_round_to(r20, tmp_path):
+    """round_to is the latency allocator's width step: greedy steps land on multiples of it only, and the
+    result still exports to ONNX and runs in ONNX Runtime with the torch logits."""
+    import onnxruntime as ort
+
+    from compress.prune.targets import (LatencyTable, TargetConfig, WidthModel, greedy_keep, group_importance,
+                                        latency_step, simd_block)
+
+    t16, t8 = LatencyTable(path=tmp_path / "a.json", step=16), LatencyTable(path=tmp_path / "b.json")
+    assert t16.grid(64) == [16, 32, 48, 64] and t16.grid(16) == [16] and t16.grid(32) == [16, 32]
+    assert t8.grid(64) == [8, 16, 24, 32, 40, 48, 56, 64] and t8.grid(16) == [8, 16]
+    assert t16.next_width(64, 48) == [16, 32]
+    assert latency_step(TargetConfig(latency_target=1.0, round_to=8)) == 8
+    flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
+    assert simd_block() == (16 if "avx512f" in flags else 8)
+    assert latency_step(TargetConfig(latency_target=1.0)) == 8  # the default grid; the table prices the padding
+
+    model, x = r20.model, r20.spec.example(4)
+    wm = WidthModel(model, x[:1])
+    base = wm.flops(wm.full)
+    imp = group_importance(wm, l1_scores(model), "share", "sum")
+    keep = greedy_keep(wm, imp, lambda w: wm.flops(w) / base, 0.6,
+                       next_width=lambda g, w: t16.next_width(wm.full[g], w))
+    assert keep and all(len(v) % 16 == 0 for v in keep.values())
+    assert wm.flops(wm.widths_of(keep)) / base <= 0.6
+    prune_to_keep(model, x[:1], keep)
+    assert {m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)} <= {16, 32, 48, 64}
+    path = tmp_path / "aligned.onnx"
+    torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, input_names=["input"])
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_flops_target_with_round_to_keeps_multiples(r20):
+    model, x = r20.model, r20.spec.example(1)
+    flops = count_flops(model, SHAPE)
+    pruned = prune_channels(copy.deepcopy(model), x, l1_scores(model), flops_target=0.6, round_to=16)
+    assert count_flops(pruned, SHAPE) <= 0.6 * flops
+    assert all(m.out_channels % 16 == 0 for m in pruned.modules() if isinstance(m, nn.Conv2d))
+    exact = prune_channels(copy.deepcopy(model), x, l1_scores(model), flops_target=0.6)
+    assert any(m.out_channels % 16 for m in exact.modules() if isinstance(m, nn.Conv2d))  # rounding did something
+
+
+@pytest.mark.parametrize("method", ["l1", "random"])
+def test_baselines_take_a_latency_target(method, r20, monkeypatch, tmp_path):
+    """l1 / random accept --latency-target like the data-driven methods; through the CLI, aligned to --round-to."""
+    from compress.prune.targets import measure_model_ms
+    from tests.conftest import RESNET20, run_cli
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = build_config(METHODS.get(method), {"latency_target": 0.5, "round_to": 16})
+    assert cfg.latency_target == 0.5 and cfg.round_to == 16
+    if method == "random":
+        return  # the CLI run below is the same code path for both
+    dense_ms = measure_model_ms(r20.model, r20.spec)
+    out = tmp_path / "lat.pt"
+    r = run_cli("prune", RESNET20, "--arch", "resnet20", "--method", method, "--latency-target",
+                f"{0.8 * dense_ms:.4f}", "--round-to", "16", "-o", out)
+    assert r.returncode == 0, r.stderr
+    h = load_model(out).history[-1]
+    assert h["round_to"] == 16 and h["rounds"] and h["flops_after"] < h["flops_before"]
+    assert all(w % 16 == 0 for w in h["kept_widths"].values())
+    bad = run_cli("prune", RESNET20, "--arch", "resnet20", "--method", method, "--latency-target", "0.3",
+                  "--round-to", "0", "-o", tmp_path / "bad.pt")
+    assert bad.returncode == 2 and "round_to" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
