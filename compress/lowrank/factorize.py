@@ -13,6 +13,12 @@ A ∈ R^{N×r} (first layer, no bias) and B ∈ R^{r×M} (second layer, carries 
 
 FWSVD: with per-input-feature importance Î_i (summed Fisher of row i), svd(diag(√Î) W) = U S Vᵀ,
 A = diag(√Î)⁻¹ U_r S_r, B = V_rᵀ. Uniform Î gives plain SVD; Î → cÎ leaves A and B unchanged.
+
+Full row Fisher (fisher_rows "full", an extension, not the paper): Î_i is the diagonal of the N×N matrix
+R = (1/|D|) Σ_d Γ_d Γ_dᵀ, Γ_d = ∂L(d)/∂W (N×M) the per-sample gradient. Keeping R whole,
+min ‖R^{1/2}(W − AB)‖²_F has the closed form svd(R^{1/2} W) = U S Vᵀ, A = R^{-1/2} U_r S_r, B = V_rᵀ; a
+diagonal R is FWSVD. It keeps the correlations between input features that the diagonal drops (a conv's
+(c_in, kh, kw) features are neighbouring pixels of the same maps).
 """
 from __future__ import annotations
 
@@ -28,6 +34,9 @@ from compress.structure import EDITS
 # rows whose importance is below this fraction of the mean importance are floored there (dead inputs):
 # relative, so that scaling Î by a constant leaves the factors unchanged (check (c) of the research note)
 IMPORTANCE_FLOOR = 1e-6
+# the full row Fisher R (fisher_rows full) is damped by this fraction of its mean diagonal before its square
+# root is taken: R is a sum of |D| rank-≤M matrices and may be singular; relative, so R → cR changes nothing
+ROW_FISHER_DAMPING = 1e-2
 
 SPLITS = ("linear", "channel", "spatial")
 
@@ -74,6 +83,17 @@ def row_importance(fisher: torch.Tensor, split: str) -> torch.Tensor:
     return fisher.sum((0, 3)).reshape(-1)  # (o, i, kh, kw) → (i, kh)
 
 
+def matrix_grads(G: torch.Tensor, split: str) -> torch.Tensor:
+    """Per-sample weight gradients (n, *weight.shape) as the paper's matrices (n, N, M), oriented as layer_matrix."""
+    n = G.shape[0]
+    if split == "linear":
+        return G.transpose(1, 2)
+    if split == "channel":
+        return G.reshape(n, G.shape[1], -1).transpose(1, 2)
+    _, o, i, kh, kw = G.shape
+    return G.permute(0, 2, 3, 1, 4).reshape(n, i * kh, o * kw)
+
+
 def matrix_dims(layer: nn.Module, split: str) -> tuple[int, int]:
     if split == "linear":
         return layer.in_features, layer.out_features
@@ -92,10 +112,12 @@ class Decomposition:
     S: torch.Tensor      # K
     Vh: torch.Tensor     # K × M
     scale: torch.Tensor  # N: the row weights s = √Î (ones for plain SVD)
+    left_inv: torch.Tensor | None = None  # N × N: R^{-1/2} for the full row Fisher (then scale is unused)
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (N×r) = diag(s)⁻¹ U_r S_r, B (r×M) = V_rᵀ, as float32."""
-        A = (self.U[:, :rank] * self.S[:rank]) / self.scale[:, None]
+        """A (N×r) = diag(s)⁻¹ U_r S_r (or R^{-1/2} U_r S_r), B (r×M) = V_rᵀ, as float32."""
+        US = self.U[:, :rank] * self.S[:rank]
+        A = self.left_inv @ US if self.left_inv is not None else US / self.scale[:, None]
         B = self.Vh[:rank]
         return A.float(), B.float()
 
@@ -105,10 +127,14 @@ class Decomposition:
         return torch.cat([tail, tail.new_zeros(1)])
 
 
-def decompose(W: torch.Tensor, importance: torch.Tensor | None = None) -> Decomposition:
-    """(Fisher-)weighted SVD of W (N×M) with per-row importance Î (N), or plain SVD when it is None."""
+def decompose(W: torch.Tensor, importance: torch.Tensor | None = None,
+              row_fisher: torch.Tensor | None = None) -> Decomposition:
+    """(Fisher-)weighted SVD of W (N×M) with per-row importance Î (N), or plain SVD when it is None;
+    `row_fisher` (N×N, symmetric PSD) weights with the full row Fisher R instead: svd(R^{1/2} W)."""
     W = W.detach().double()
     n = W.shape[0]
+    if row_fisher is not None:
+        return _decompose_full(W, row_fisher)
     if importance is None:
         scale = torch.ones(n, dtype=torch.float64)
     else:
@@ -120,11 +146,36 @@ def decompose(W: torch.Tensor, importance: torch.Tensor | None = None) -> Decomp
         scale = (imp + IMPORTANCE_FLOOR).sqrt()
     with _one_thread():
         U, S, Vh = torch.linalg.svd(scale[:, None] * W, full_matrices=False)
+    return _signed(U, S, Vh, scale)
+
+
+def _signed(U, S, Vh, scale, left_inv=None) -> Decomposition:
     # a deterministic sign per singular pair: the largest-magnitude entry of each right vector is positive
     idx = Vh.abs().argmax(1)
     sign = torch.sign(Vh[torch.arange(Vh.shape[0]), idx])
     sign[sign == 0] = 1
-    return Decomposition(U * sign, S, Vh * sign[:, None], scale)
+    return Decomposition(U * sign, S, Vh * sign[:, None], scale, left_inv)
+
+
+def damped_row_fisher(R: torch.Tensor) -> torch.Tensor:
+    """R / mean(diag R) + ROW_FISHER_DAMPING · I: scale-free (R → cR gives the same matrix) and positive definite."""
+    R = R.detach().double()
+    R = (R + R.t()) / 2
+    mean = R.diagonal().mean()
+    R = R / mean if mean > 0 else torch.eye(R.shape[0], dtype=R.dtype)
+    return R + ROW_FISHER_DAMPING * torch.eye(R.shape[0], dtype=R.dtype)
+
+
+def _decompose_full(W: torch.Tensor, R: torch.Tensor) -> Decomposition:
+    n = W.shape[0]
+    if R.shape != (n, n):
+        raise ValueError(f"row Fisher has shape {tuple(R.shape)}, expected ({n}, {n})")
+    with _one_thread():
+        e, Q = torch.linalg.eigh(damped_row_fisher(R))
+        e = e.clamp_min(ROW_FISHER_DAMPING / 2)  # eigh rounding below the damping floor
+        root, inv_root = (Q * e.sqrt()) @ Q.t(), (Q / e.sqrt()) @ Q.t()
+        U, S, Vh = torch.linalg.svd(root @ W, full_matrices=False)
+    return _signed(U, S, Vh, torch.ones(n, dtype=torch.float64), inv_root)
 
 
 @contextmanager

@@ -141,12 +141,21 @@ def _same_pad(layer: nn.Conv2d) -> list[int]:
 
 def collect_fisher(model: nn.Module, layers: dict[str, nn.Module], data: Iterable[Batch], labels: str = "model",
                    likelihood: str | None = None, seed: int = 0, total: int | None = None,
-                   description: str = "Fisher (per-sample gradients)") -> tuple[dict[str, torch.Tensor], int]:
+                   description: str = "Fisher (per-sample gradients)",
+                   row_splits: dict[str, tuple[str, ...]] | None = None,
+                   rows_out: dict[tuple[str, str], torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """Per-weight empirical/true Fisher of every layer in `layers` (name -> module), averaged over samples.
 
     labels: "data" (task loss on the batch labels) or "model" (labels sampled from the model's prediction).
+    row_splits (name -> splits), with rows_out: also the full row Fisher R = (1/|D|) Σ_d Γ_d Γ_dᵀ (N×N) of each
+    named layer, Γ_d its per-sample gradient as the paper's N×M matrix in that split's orientation (the
+    diagonal of R is the FWSVD row importance); written into rows_out[(name, split)].
     Returns ({name: Fisher with the weight's shape}, number of samples).
     """
+    from compress.lowrank.factorize import matrix_grads
+
+    row_splits = row_splits or {}
+    rows: dict[str, torch.Tensor] = {}
     if labels not in ("data", "model"):
         raise ValueError(f"labels must be 'data' or 'model', not {labels!r}")
     likelihood = likelihood or _likelihood(model)
@@ -179,6 +188,10 @@ def collect_fisher(model: nn.Module, layers: dict[str, nn.Module], data: Iterabl
                 G = _per_sample_grads(layers[name], a, g)
                 per_layer[name] = per_layer[name] + G if name in per_layer else G  # a layer called twice: sum first
             for name, G in per_layer.items():
+                for split in row_splits.get(name, ()):
+                    Gm = matrix_grads(G, split).double()
+                    R = torch.einsum("nab,ncb->ac", Gm, Gm)
+                    rows[(name, split)] = rows[(name, split)] + R if (name, split) in rows else R
                 fisher[name] += G.square_().sum(0)  # float32 over one batch, float64 across batches
             seen += out.shape[0]
     finally:
@@ -188,13 +201,18 @@ def collect_fisher(model: nn.Module, layers: dict[str, nn.Module], data: Iterabl
         model.train(was_training)
     if seen == 0:
         raise UserError("no data for the Fisher information")
+    if rows_out is not None:
+        rows_out.update({name: R / seen for name, R in rows.items()})
     return {name: (f / seen).float() for name, f in fisher.items()}, seen
 
 
-def fisher_from_source(lm, ctx, source: str, layers: dict[str, nn.Module], n: int, batch_size: int
+def fisher_from_source(lm, ctx, source: str, layers: dict[str, nn.Module], n: int, batch_size: int,
+                       row_splits: dict[str, tuple[str, ...]] | None = None,
+                       rows_out: dict[tuple[str, str], torch.Tensor] | None = None
                        ) -> tuple[dict[str, torch.Tensor], int]:
     src = FISHER_SOURCES.get(source)
     data, count = src.inputs(lm, ctx, n, batch_size)
     steps = (count + batch_size - 1) // batch_size
-    return collect_fisher(lm.model, layers, data, src.labels, seed=ctx.seed, total=steps)
+    return collect_fisher(lm.model, layers, data, src.labels, seed=ctx.seed, total=steps, row_splits=row_splits,
+                          rows_out=rows_out)
 

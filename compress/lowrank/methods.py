@@ -21,24 +21,31 @@ from compress.io import LoadedModel
 from compress.lowrank import METHODS
 from compress.lowrank.factorize import factorize_layer, set_submodule
 from compress.lowrank.fisher import FISHER_SOURCES, fisher_from_source
-from compress.lowrank.plan import Plan, candidates, make_plan, plan_table, probe
+from compress.lowrank.plan import BUDGET_RULES, Plan, _splits, candidates, make_plan, plan_table, probe
 from compress.metrics import count_flops, count_params
 from compress.progress import log, status
 from compress.stages import Context, Method, MethodConfig, option
 
-RULES = ("ratio", "energy", "params", "flops")
+RULES = ("ratio", "energy", "params", "flops", "latency")
 
 
 @dataclass
 class LowRankConfig(MethodConfig):
     rank_rule: str = option("ratio", "how ranks are chosen: one global rank ratio (the paper's rule), a per-layer "
-                            "energy threshold, or a whole-model params/FLOPs budget allocated across layers",
+                            "energy threshold, or a whole-model params/FLOPs budget allocated across layers "
+                            "('latency': a budget of the convs' measured ORT time; implies latency_aware)",
                             choices=RULES)
     ratio: float = option(0.33, "rank ratio r / min(N, M) for every layer (rank_rule ratio; the paper keeps 33%)")
     energy: float = option(0.9, "fraction of each layer's (Fisher-weighted) spectral energy to keep (rank_rule energy)")
-    budget: float = option(0.5, "fraction of the whole model's params or FLOPs to keep (rank_rule params|flops)")
+    budget: float = option(0.5, "fraction of the whole model's params, FLOPs or predicted conv time to keep "
+                           "(rank_rule params|flops|latency)")
     conv_split: str = option("channel", "k×k conv into k×k (rank r) + 1×1 ('channel') or k×1 + 1×k ('spatial')",
                              choices=("channel", "spatial"))
+    latency_aware: bool = option(False, "price each conv's dense form and its channel/spatial splits by measured "
+                                 "ONNX Runtime time (per-layer-shape table, cached in ~/.cache/compress); factorize "
+                                 "a conv only where that is predicted faster, and with a budget rule choose the "
+                                 "split per conv")
+    latency_threads: int = option(1, "ONNX Runtime threads for the latency_aware measurements (match deployment)")
     skip_first_last: bool = option(True, "leave dense the layer reading the model input and the one writing its output")
     exclude: str = option("", "comma-separated glob patterns of layer names to leave dense, e.g. 'layer1.*,linear'")
     dry_run: bool = option(False, "print the per-layer plan and leave the model unchanged")
@@ -58,6 +65,10 @@ class LowRankConfig(MethodConfig):
             raise UserError(f"finetune_epochs must be 0 or more, got {self.finetune_epochs}")
         if self.lr <= 0 or self.batch_size < 1:
             raise UserError("lr must be positive and batch_size at least 1")
+        if self.latency_threads < 1:
+            raise UserError(f"latency_threads must be at least 1, got {self.latency_threads}")
+        if self.rank_rule == "latency":
+            self.latency_aware = True
 
 
 @dataclass
@@ -66,6 +77,10 @@ class FWSVDConfig(LowRankConfig):
                          "Fisher) or 'model' (unlabeled calib data, labels sampled from the model: true Fisher)")
     fisher_samples: int = option(1000, "samples for the Fisher information (per-sample gradients)")
     fisher_batch: int = option(32, "batch size of the Fisher pass")
+    fisher_rows: str = option("diag", "'diag': each input feature weighted by its summed Fisher (the paper); 'full': "
+                              "the N×N row Fisher Σ per-sample ΓΓᵀ (its diagonal is the paper's), factorized as "
+                              "svd(R^½ W), keeping the correlations between input features (an extension)",
+                              choices=("diag", "full"))
 
     def validate(self) -> None:
         super().validate()
@@ -87,13 +102,24 @@ class LowRankMethod(Method):
         """The per-layer plan (and a record of the Fisher pass, for FWSVD), without changing the model."""
         model = lm.model.eval()
         infos = probe(model, lm.spec.example(1, ctx.seed))
-        layers = {i.name: i.module for i in candidates(infos, cfg.skip_first_last, cfg.exclude)}
+        cands = candidates(infos, cfg.skip_first_last, cfg.exclude)
+        layers = {i.name: i.module for i in cands}
         fisher, record = self.fisher(lm, layers, cfg, ctx) if layers else (None, {})
-        with status("decomposing"):
+        record = dict(record)  # (a cached record stays whole)
+        row_fisher = record.pop("_row_fisher", None)
+        latency = None
+        if cfg.latency_aware or cfg.rank_rule == "latency":
+            from compress.lowrank.latency import LatencyCosts
+
+            latency = LatencyCosts(cfg.latency_threads)
+        with status("decomposing" if latency is None else "measuring candidate layer latencies and decomposing"):
             plan = make_plan(infos, cfg.rank_rule, ratio=cfg.ratio, energy=cfg.energy, budget=cfg.budget,
                              conv_split=cfg.conv_split, skip_first_last=cfg.skip_first_last, exclude=cfg.exclude,
-                             fisher=fisher, model_params=count_params(model),
+                             fisher=fisher, row_fisher=row_fisher, latency=latency, model_params=count_params(model),
                              model_flops=count_flops(model, lm.spec.shape))
+        if latency is not None:
+            record["latency_table"] = {"path": str(latency.path), "new_measurements": latency.table.measured,
+                                       "threads": cfg.latency_threads}
         return plan, record
 
     def apply(self, lm: LoadedModel, cfg: Any, ctx: Context) -> LoadedModel:
@@ -161,10 +187,20 @@ class FWSVD(LowRankMethod):
     summary = "Fisher-weighted SVD (Hsu et al., ICLR 2022): input features weighted by per-sample-gradient Fisher"
 
     def fisher(self, lm: LoadedModel, layers: dict[str, nn.Module], cfg: FWSVDConfig, ctx: Context):
+        """(per-weight Fisher, record); with fisher_rows full the record carries "_row_fisher" for the plan."""
         t0 = time.perf_counter()
-        fisher, n = fisher_from_source(lm, ctx, cfg.fisher, layers, cfg.fisher_samples, cfg.fisher_batch)
-        return fisher, {"fisher": {"source": cfg.fisher, "labels": FISHER_SOURCES.get(cfg.fisher).labels,
-                                   "samples": n, "seconds": round(time.perf_counter() - t0, 2)}}
+        row_splits, rows = None, {}
+        if cfg.fisher_rows == "full":
+            latency_budget = (cfg.latency_aware or cfg.rank_rule == "latency") and cfg.rank_rule in BUDGET_RULES
+            row_splits = {name: tuple(_splits(m, cfg.rank_rule, cfg.conv_split, latency_budget))
+                          for name, m in layers.items()}
+        fisher, n = fisher_from_source(lm, ctx, cfg.fisher, layers, cfg.fisher_samples, cfg.fisher_batch,
+                                       row_splits, rows)
+        rec = {"fisher": {"source": cfg.fisher, "labels": FISHER_SOURCES.get(cfg.fisher).labels,
+                          "samples": n, "rows": cfg.fisher_rows, "seconds": round(time.perf_counter() - t0, 2)}}
+        if row_splits:
+            rec["_row_fisher"] = rows
+        return fisher, rec
 
 
 METHODS.add("svd", SVD())

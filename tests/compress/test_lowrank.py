@@ -338,3 +338,194 @@ def test_bad_options_fail_at_the_edge():
 def test_decompose_rejects_wrong_importance_shape():
     with pytest.raises(ValueError):
         decompose(torch.ones(4, 3), torch.ones(3))
+
+
+# ------------------------------------------------------------------------------------ full row Fisher (extension)
+
+def _psd(n, seed=0, rank=None):
+    X = _rand(n, rank or 2 * n, seed=seed).double()
+    return X @ X.t() / X.shape[1]
+
+
+def test_full_row_fisher_reduces_to_svd_and_is_exact_at_full_rank_and_scale_free():
+    from compress.lowrank.factorize import ROW_FISHER_DAMPING
+
+    W = _rand(24, 10).double()
+    A, B = decompose(W, row_fisher=torch.eye(24)).factors(6)      # R ∝ I: plain SVD
+    A0, B0 = weighted_svd(W, 6)
+    assert torch.allclose(A @ B, A0 @ B0, atol=1e-5)
+    R = _psd(24, seed=1)
+    A, B = decompose(W, row_fisher=R).factors(10)                  # full rank: W itself
+    assert torch.allclose((A @ B).double(), W, atol=1e-5)
+    A1, B1 = decompose(W, row_fisher=R).factors(4)
+    A2, B2 = decompose(W, row_fisher=R * 1e6).factors(4)           # R → cR: the same factors
+    assert torch.allclose(A1, A2, atol=1e-6) and torch.allclose(B1, B2, atol=1e-6)
+    # a diagonal R is the paper's FWSVD with importance diag(R) (plus the same relative damping)
+    d = _rand(24, seed=2).exp()
+    Ad, Bd = decompose(W, row_fisher=torch.diag(d)).factors(4)
+    Af, Bf = weighted_svd(W, 4, d / d.mean() + ROW_FISHER_DAMPING)
+    assert torch.allclose(Ad @ Bd, Af @ Bf, atol=1e-5)
+    with pytest.raises(ValueError):
+        decompose(W, row_fisher=torch.eye(23))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_full_row_fisher_minimizes_the_correlated_error(seed):
+    """min tr(ΔWᵀ R ΔW): below both plain SVD and the diagonal-only FWSVD when R has strong correlations."""
+    from compress.lowrank.factorize import damped_row_fisher
+
+    W = _rand(30, 12, seed=seed).double()
+    R = _psd(30, seed=50 + seed, rank=6) + 1e-3 * torch.eye(30, dtype=torch.float64)  # few strong directions
+    Rd = damped_row_fisher(R)
+    err = lambda A, B: float(torch.trace((W - A.double() @ B.double()).t() @ Rd @ (W - A.double() @ B.double())))  # noqa: E731
+    for r in (2, 5):
+        full = err(*decompose(W, row_fisher=R).factors(r))
+        assert full <= err(*weighted_svd(W, r)) * (1 + 1e-9)
+        assert full < 0.95 * err(*weighted_svd(W, r, R.diagonal()))  # the diagonal alone misses the correlations
+
+
+@pytest.mark.parametrize("split", ["channel", "spatial"])
+def test_collected_row_fisher_is_mean_of_per_sample_gradient_grams(split):
+    """R = (1/|D|) Σ_d Γ_d Γ_dᵀ in the split's orientation; its diagonal is the paper's row importance."""
+    model = _tiny()
+    x, y = _rand(5, 3, 6, 6, seed=2), torch.tensor([0, 1, 2, 3, 4])
+    layers = {"conv": model.conv, "conv2": model.conv2, "fc": model.fc}
+    rows: dict = {}
+    fisher, n = collect_fisher(model, layers, [(x[:3], y[:3]), (x[3:], y[3:])], labels="data",
+                               row_splits={"conv": (split,), "conv2": (split,), "fc": ("linear",)}, rows_out=rows)
+    model.eval()
+    for name, sp in (("conv", split), ("conv2", split), ("fc", "linear")):
+        m = layers[name]
+        ref = 0
+        for i in range(5):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+            fake = copy.deepcopy(m)
+            fake.weight.data = m.weight.grad.clone()
+            G = layer_matrix(fake, sp).double()  # the per-sample gradient as the paper's N×M matrix
+            ref = ref + G @ G.t() / 5
+        R = rows[(name, sp)]
+        assert torch.allclose(R, ref, rtol=1e-4, atol=1e-10)
+        assert torch.allclose(R.diagonal().float(), row_importance(fisher[name], sp), rtol=1e-4, atol=1e-10)
+
+
+def test_fwsvd_full_rows_stage_on_pretrained_resnet20_beats_svd_where_the_diagonal_loses():
+    """At rank ratio 0.6 the paper's diagonal FWSVD is below SVD on ResNet-20; the full row Fisher is far above."""
+    from compress.data import load_dataset
+    from compress.metrics import evaluate
+
+    lm = _resnet(pretrained=True)
+    ctx = _ctx(lm)
+    test = load_dataset(f"cifar10:{TEST_LOSSLESS}")
+    acc = {}
+    for name, method, opts in (("svd", "svd", {}), ("full", "fwsvd", {"fisher_rows": "full"})):
+        m = METHODS.get(method)
+        opts = {"ratio": 0.6, **opts, **({"fisher": "labels", "fisher_samples": 256} if method == "fwsvd" else {})}
+        out = m.apply(copy.deepcopy(lm), build_config(m, opts), ctx)
+        acc[name] = evaluate(out.model, test, ctx.normalizer())
+    assert out.history[-1]["fisher"]["rows"] == "full"
+    assert acc["full"] > acc["svd"] + 10.0, acc
+
+
+# ------------------------------------------------------------------------------------ latency-aware plans
+
+class FakeTable:
+    """A latency table with a made-up, deterministic cost: overhead per op + MACs × a per-kernel-shape rate."""
+
+    def __init__(self, rate=None, overhead=0.01):
+        self.rate = rate or {}
+        self.overhead, self.measured, self.path, self.seen = overhead, 0, "fake", []
+
+    def ensure(self, layers):
+        self.seen += list(layers)
+
+    def layer_ms(self, layer, c_in, c_out):
+        macs = c_in * c_out * layer.kernel[0] * layer.kernel[1] * layer.out_hw[0] * layer.out_hw[1]
+        return self.overhead + macs * self.rate.get(layer.kernel, 1e-8)
+
+
+def _latency(rate=None, overhead=0.01):
+    from compress.lowrank.latency import LatencyCosts
+
+    return LatencyCosts(table=FakeTable(rate, overhead))
+
+
+def test_candidate_layer_shapes_match_the_factorized_halves():
+    from compress.lowrank.latency import LatencyCosts
+
+    conv = nn.Conv2d(16, 32, 3, 2, 1)
+    x = _rand(1, 16, 32, 32)
+    lc = LatencyCosts(table=FakeTable()).add("c", conv, tuple(x.shape), tuple(conv(x).shape), {"channel": 32, "spatial": 48})
+    assert lc.dense.kernel == (3, 3) and lc.dense.in_hw == (32, 32) and lc.dense.out_hw == (16, 16)
+    for split in ("channel", "spatial"):
+        fac = factorize_layer(conv, 8, split)
+        h = fac[0](x)
+        for half, spec, inp in ((fac[0], lc.parts[split][0], x), (fac[1], lc.parts[split][1], h)):
+            rebuilt = nn.Conv2d(spec.c_in if spec.in_group is None else 8, 8 if spec.out_group else spec.c_out,
+                                spec.kernel, spec.stride, spec.padding, spec.dilation)
+            assert (half.kernel_size, half.stride, half.padding) == (spec.kernel, spec.stride, spec.padding)
+            assert tuple(inp.shape[2:]) == spec.in_hw and tuple(rebuilt(inp).shape) == tuple(half(inp).shape)
+            assert tuple(half(inp).shape[2:]) == spec.out_hw
+
+
+def test_latency_aware_plan_only_factorizes_where_predicted_faster_and_meets_the_flops_budget():
+    from compress.lowrank.latency import LATENCY_GAIN
+
+    model = _resnet(pretrained=True).model
+    # 1x1 convs are dear, 3x1/1x3 cheap: every factorized conv must take the spatial split
+    plan = _plan(model, "flops", budget=0.7, latency=_latency({(1, 1): 1e-6}))
+    assert plan.factorized() and {p.split for p in plan.factorized()} == {"spatial"}
+    assert plan.flops[1] <= 0.7 * plan.flops[0] and plan.ms[1] < plan.ms[0]
+    assert all(p.ms[1] <= LATENCY_GAIN * p.ms[0] + 1e-12 for p in plan.factorized())
+    # k×1 and 1×k dear instead: the channel split everywhere
+    plan = _plan(model, "flops", budget=0.7, latency=_latency({(3, 1): 1e-6, (1, 3): 1e-6}))
+    assert {p.split for p in plan.factorized()} == {"channel"}
+    # a second op costs more than any saving: nothing can be factorized, with the reason said
+    slow = _latency(overhead=1.0)
+    plan = _plan(model, "ratio", ratio=0.3, latency=slow)
+    assert not plan.factorized()
+    assert all("no time saved" in p.reason for p in plan.layers if p.split)
+    with pytest.raises(UserError, match="out of reach"):
+        _plan(model, "flops", budget=0.7, latency=slow)
+    # the same ratio without latency awareness factorizes every block conv
+    assert len(_plan(model, "ratio", ratio=0.3).factorized()) == 18
+
+
+def test_latency_rule_meets_the_predicted_time_budget():
+    model = _resnet(pretrained=True).model
+    plan = _plan(model, "latency", budget=0.8, latency=_latency())
+    assert plan.ms[1] <= 0.8 * plan.ms[0] and plan.ms[1] > 0.7 * plan.ms[0]  # met and spent
+    assert plan.to_dict()["predicted_conv_ms"][1] == round(plan.ms[1], 4)
+    with pytest.raises(UserError, match="latency table"):
+        _plan(model, "latency", budget=0.8)
+    with pytest.raises(UserError, match="convolutions only"):
+        _plan(model, "latency", budget=0.8, latency=_latency(), skip_first_last=False)
+
+
+def test_cli_latency_aware_measures_caches_and_plans(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import RESNET20
+
+    env = {**os.environ, "COMPRESS_CACHE": str(tmp_path / "cache"), "COMPRESS_NO_PROGRESS": "1"}
+    exe = os.path.join(os.path.dirname(sys.executable), "compress")
+    base = [exe, "lowrank", str(RESNET20), "--arch", "resnet20", "-m", "svd"]
+    r = subprocess.run(base + ["--ratio", "0.25", "--latency-aware", "--exclude", "layer1.*,layer2.*", "-o",
+                               str(tmp_path / "m.pt")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    tables = list((tmp_path / "cache").glob("latency-table-*.json"))
+    assert len(tables) == 1 and len(json.loads(tables[0].read_text())["entries"]) >= 2 * (1 + 2)
+    back = load_model(tmp_path / "m.pt")
+    plan = back.history[-1]["plan"]
+    # (which convs get factorized depends on this machine's timings; the rule does not)
+    assert plan["predicted_conv_ms"][1] <= plan["predicted_conv_ms"][0]
+    rows = [p for p in plan["layers"] if p["ms"]]
+    assert {p["name"].split(".")[0] for p in rows} == {"layer3"} and len(rows) == 6
+    assert all(p["ms"][1] <= 0.9 * p["ms"][0] + 1e-6 if p["rank"] else p["reason"] for p in rows)
+    for bad in (["--latency-threads", "0"], ["--rank-rule", "latency", "--no-skip-first-last"]):
+        r = subprocess.run(base + bad + ["--dry-run", "-o", str(tmp_path / "x.pt")], env=env, capture_output=True,
+                           text=True, timeout=300)
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
