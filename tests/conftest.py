@@ -40,3 +40,15 @@ def resnet20():
     from compress.io import load_model
 
     return load_model(RESNET20, arch="resnet20")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module: on a CPU shared with other jobs two threads run several times
+    slower, not faster. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,13 +19,7 @@ from compress.stages import Context, build_config
 from tests.conftest import CALIB1000, RESNET20, run_cli
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a CPU shared with other jobs two threads are several times slower, not faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _small_vgg(seed: int = 0) -> nn.Module:

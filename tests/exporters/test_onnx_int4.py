@@ -21,12 +21,7 @@ from exporters.qdq import fold_weight_quantizers, ort_rejects, pack_int4
 from tests.conftest import CALIB1000, RESNET20, TEST_LOSSLESS, run_cli
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
