@@ -57,6 +57,7 @@ from compress.structure import EDITS
 
 ZETA, GAMMA = 1.1, -0.1      # rectified sigmoid stretch (AdaRound / Genie)
 LP_NORM = 2.4                # grid-search error norm of the reference
+STEP_FLOOR = 1e-3            # learned weight steps never fall below this fraction of their initial value
 RATIOS = torch.arange(100, 0, -1, dtype=torch.float32) / 100  # clip ratios 1.00, 0.99, ..., 0.01
 GRID_SEARCH_MAX_VALUES = 1 << 21  # activation grid search on at most this many values (a seeded sample)
 KNOWN_BLOCKS = ("BasicBlock", "Bottleneck", "ResBottleneckBlock", "InvertedResidual", "DwsConvBlock", "ConvBlock")
@@ -634,6 +635,9 @@ def reconstruct_unit(unit: Unit, gm: nn.Module, x_fp: torch.Tensor, x_q: torch.T
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_scale, T_max=cfg.recon_iters) if opt_scale else None
     opt_bit = torch.optim.Adam([q.bit_logit for q in wqs], lr=cfg.lr_bit) if wqs else None
     decay = TempDecay(cfg.recon_iters)
+    # a step driven to <= 0 flips or erases its channel, and a near-zero one overflows the int32 bias of the
+    # exported integer conv (bias / (s_in * s_w)); calibration data unlike the real inputs (noise) does that
+    floors = [q.scale.detach().abs() * STEP_FLOOR for q in wqs]
     n, batch = len(x_fp), min(cfg.recon_batch, len(x_fp))
     first_rec = last_rec = last_round = None
     _set_modes(unit, gm, soft=True, act_mode="train")
@@ -662,6 +666,9 @@ def reconstruct_unit(unit: Unit, gm: nn.Module, x_fp: torch.Tensor, x_q: torch.T
             for opt in (opt_scale, opt_bit):
                 if opt is not None:
                     opt.step()
+            with torch.no_grad():
+                for q, floor in zip(wqs, floors):
+                    q.scale.copy_(torch.maximum(q.scale, floor))
             if sched is not None:
                 sched.step()
             last_rec = float(rec.detach())
@@ -672,7 +679,9 @@ def reconstruct_unit(unit: Unit, gm: nn.Module, x_fp: torch.Tensor, x_q: torch.T
         unit.module.eval()
     soft_bits = torch.cat([q.h().detach().reshape(-1) for q in wqs]) if wqs else torch.zeros(0)
     undecided = float(((soft_bits > 0.01) & (soft_bits < 0.99)).float().mean()) if len(soft_bits) else 0.0
-    return {"unit": unit.name, "layers": len(unit.layers), "iters": cfg.recon_iters, "first_rec_loss": first_rec,
+    at_floor = sum(int((q.scale.detach() <= f * (1 + 1e-6)).sum()) for q, f in zip(wqs, floors))
+    return {"unit": unit.name, "layers": len(unit.layers), "iters": cfg.recon_iters, "steps_at_floor": at_floor,
+            "first_rec_loss": first_rec,
             "last_rec_loss": last_rec, "last_round_loss": last_round, "undecided_bits": round(undecided, 5)}
 
 

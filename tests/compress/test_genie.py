@@ -255,3 +255,32 @@ def test_cli_rejects_a_bad_input_grid(tmp_path):
     r = run_cli("quantize", RESNET20, "--arch", "resnet20", "--method", "genie", "--input-grid", "pixels",
                 "-o", tmp_path / "q.pt")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_learned_weight_steps_stay_positive_on_a_collapsing_target(resnet20, calib):
+    """Reconstruction toward an all-zero output (what noise calibration approximates for some channels) pulls
+    steps to zero and past it; a step <= 0 flips or erases a channel, and a near-zero one overflows ORT's int32
+    bias in the exported QLinearConv. Steps keep a floor relative to their initial value."""
+    from compress.quantize.genie import STEP_FLOOR
+
+    cfg = GenieConfig(bits="w8a8", preset="smoke", recon_iters=150, recon_batch=16, lr_w_scale=0.05).resolved()
+    gm = build_structure(copy.deepcopy(resnet20.model), cfg.structure())
+    to_genie_quantizers(gm, cfg.qdrop)
+    stem, block = find_units(gm)[:2]
+    for unit in (stem, block):
+        for q in unit.activation_quantizers(gm):
+            q.mode = "init"
+    with torch.no_grad():
+        stem.module(calib[:32])
+        with float_mode(gm):
+            x_fp = stem.module(calib)
+        x_q = stem.module(calib)
+        block.module(x_q[:32])
+    for q in block.activation_quantizers(gm):
+        q.mode = "eval"
+    init = [q.scale.detach().clone() for q in block.weight_quantizers(gm)]
+    with torch.no_grad():
+        y = torch.zeros_like(block.module(x_fp))
+    reconstruct_unit(block, gm, x_fp, x_q, y, cfg)
+    for q, s0 in zip(block.weight_quantizers(gm), init):
+        assert bool((q.scale.detach() >= s0 * STEP_FLOOR * (1 - 1e-6)).all()), (q.scale.min(), s0.min())
