@@ -46,6 +46,7 @@ from compress.metrics import evaluate  # noqa: E402
 from compress.progress import set_quiet  # noqa: E402
 from compress.stages import Context, build_config  # noqa: E402
 from compress.text import corpus_digest, embedding_agreement, encode, sentences_from_spec, tokenize  # noqa: E402
+from devices.profile import cpu_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -476,16 +477,6 @@ def goals(res: dict) -> list[str]:
     return lines
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -529,7 +520,7 @@ def main() -> None:
 
     res: dict = {"schema": "compress.bench.lowrank/1", "args": {k: v if not isinstance(v, Path) else str(v)
                                                                 for k, v in vars(args).items()},
-                 "environment": {"cpu": cpu_name(), "cores": os.cpu_count(),
+                 "environment": {"cpu": cpu_model(), "cores": os.cpu_count(),
                                  "python": platform.python_version(), "torch": torch.__version__,
                                  "onnxruntime": onnxruntime.__version__, "threads": args.threads,
                                  "loadavg_start": [round(v, 2) for v in os.getloadavg()],

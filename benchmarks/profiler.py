@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
+from devices.profile import cpu_model  # noqa: E402
+
 ORT_LOOP = r"""
 import os, sys, time, json
 import numpy as np
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark_app_static_command": " ".join(benchmark_app_cmd(Path("resnet20.xml"), args.iterations, args.cpu,
                                                                    static=True)[3:]),
         "benchmark_app_config": {"CPU": OV_CONFIG},
-        "host": {"cpu": _cpu(), "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "host": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                  "note": "shared 2-core machine: other tenants' load is recorded per run (load_avg_1m)"},
         "per_round": per_round, "summary": summary, "comparisons": comparisons,
         "wall_s": round(time.time() - t_start, 1),
@@ -273,16 +275,6 @@ def render_md(r: dict) -> str:
               "run; benchmark_app reports the request's C++-side latency, so a Python-timed tool can read slightly "
               "higher on a busy machine.", ""]
     return "\n".join(lines)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

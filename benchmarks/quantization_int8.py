@@ -36,6 +36,7 @@ from compress.progress import track  # noqa: E402
 from compress.quantize import METHODS  # noqa: E402
 from compress.stages import Context, build_config  # noqa: E402
 from exporters.onnx import export_onnx  # noqa: E402
+from devices.profile import cpu_model  # noqa: E402
 from exporters.qdq import integer_kernel_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -200,10 +201,8 @@ def static_batch(src: Path, dst: Path) -> Path:
 
 
 def environment(threads: int) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "avx512_vnni": "avx512_vnni" in flags,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "avx512_vnni": "avx512_vnni" in flags,
             "onnxruntime": ort.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "intra_op_threads": threads, "inter_op_threads": 1, "graph_optimization_level": "ORT_ENABLE_ALL",
             "loadavg_start": list(os.getloadavg())}

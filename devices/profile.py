@@ -105,7 +105,7 @@ def host_environment() -> dict:
         "os": platform.system(),
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores_logical": os.cpu_count(),
         "cores_physical": _physical_cores(),
         "cpu_affinity": affinity,
@@ -272,7 +272,8 @@ def _read_text(path: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (x86, and the keys ARM boards use), else what platform says."""
     info = _read_text("/proc/cpuinfo") or ""
     for key in ("model name", "Model", "Hardware", "Processor"):  # x86, then Raspberry Pi / other ARM boards
         for line in info.splitlines():

@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import tempfile
 import time
 import warnings
@@ -318,16 +317,6 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def time_session(session, x: np.ndarray, min_iters: int = 30, min_seconds: float = 0.15, warmup: int = 5) -> float:
     """Median wall time of session.run(x) in ms."""
     for _ in range(warmup):
@@ -369,10 +358,12 @@ class LatencyTable:
     def __init__(self, threads: int = 1, path: Path | None = None, step: int = 8):
         import onnxruntime
 
+        from devices.profile import cpu_model  # the table is per CPU; devices/ stays out of import time
+
         if step < 1:
             raise UserError(f"the latency table's width step must be at least 1, got {step}")
         self.threads, self.step = threads, step
-        self.prefix = f"onnxruntime-{onnxruntime.__version__}|threads={threads}|{_cpu_name()}"
+        self.prefix = f"onnxruntime-{onnxruntime.__version__}|threads={threads}|{cpu_model()}"
         digest = hashlib.sha1(self.prefix.encode()).hexdigest()[:10]
         self.path = path or _cache_dir() / f"latency-table-v2-{digest}.json"
         self.entries: dict[str, float] = {}
