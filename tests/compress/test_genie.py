@@ -77,13 +77,12 @@ def test_b_rescaling_the_step_keeps_the_base_integer(resnet20):
 
 
 # --- (c) after reconstruction the rounding is decided and soft == hard ---------------------------------------------
-def test_c_reconstruction_decides_the_rounding(resnet20, calib):
-    cfg = GenieConfig(bits="w4a4", preset="smoke", recon_iters=200, recon_batch=16).resolved()
-    gm = build_structure(copy.deepcopy(resnet20.model), cfg.structure())
+def _first_block(model, calib, cfg):
+    """A genie-quantized copy, its units, and the first block's float / quantized inputs, with the stem's and the
+    block's activation steps initialized on `calib` (LSQ init) and then frozen for reconstruction."""
+    gm = build_structure(copy.deepcopy(model), cfg.structure())
     to_genie_quantizers(gm, cfg.qdrop)
     units = find_units(gm)
-    assert [u.name for u in units] == ["conv1", "layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1",
-                                       "layer2.2", "layer3.0", "layer3.1", "layer3.2", "linear"]
     stem, block = units[0], units[1]
     torch.manual_seed(0)
     for unit in (stem, block):
@@ -96,8 +95,17 @@ def test_c_reconstruction_decides_the_rounding(resnet20, calib):
         x_q = stem.module(calib)
         block.module(x_q[:32])
     for q in block.activation_quantizers(gm):
-        assert isinstance(q, LSQActQuantizer) and q.initialized
         q.mode = "eval"
+    return gm, units, block, x_fp, x_q
+
+
+def test_c_reconstruction_decides_the_rounding(resnet20, calib):
+    cfg = GenieConfig(bits="w4a4", preset="smoke", recon_iters=200, recon_batch=16).resolved()
+    gm, units, block, x_fp, x_q = _first_block(resnet20.model, calib, cfg)
+    assert [u.name for u in units] == ["conv1", "layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1",
+                                       "layer2.2", "layer3.0", "layer3.1", "layer3.2", "linear"]
+    for q in block.activation_quantizers(gm):
+        assert isinstance(q, LSQActQuantizer) and q.initialized
     with torch.no_grad(), float_mode(gm):
         y = block.module(x_fp)
     with torch.no_grad():
@@ -264,20 +272,7 @@ def test_learned_weight_steps_stay_positive_on_a_collapsing_target(resnet20, cal
     from compress.quantize.genie import STEP_FLOOR
 
     cfg = GenieConfig(bits="w8a8", preset="smoke", recon_iters=150, recon_batch=16, lr_w_scale=0.05).resolved()
-    gm = build_structure(copy.deepcopy(resnet20.model), cfg.structure())
-    to_genie_quantizers(gm, cfg.qdrop)
-    stem, block = find_units(gm)[:2]
-    for unit in (stem, block):
-        for q in unit.activation_quantizers(gm):
-            q.mode = "init"
-    with torch.no_grad():
-        stem.module(calib[:32])
-        with float_mode(gm):
-            x_fp = stem.module(calib)
-        x_q = stem.module(calib)
-        block.module(x_q[:32])
-    for q in block.activation_quantizers(gm):
-        q.mode = "eval"
+    gm, _, block, x_fp, x_q = _first_block(resnet20.model, calib, cfg)
     init = [q.scale.detach().clone() for q in block.weight_quantizers(gm)]
     with torch.no_grad():
         y = torch.zeros_like(block.module(x_fp))
