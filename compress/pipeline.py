@@ -108,6 +108,9 @@ class Pipeline:
 
                 for f in s.get("formats", ["onnx"]):
                     EXPORTERS.get(f)
+                batch = s.get("batch")
+                if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+                    raise UserError(f"export: batch must be a positive integer (a fixed batch size), got {batch!r}")
             elif s["stage"] == "profile" and s.get("budget"):
                 from compress.gates import parse_budget
 
@@ -178,9 +181,7 @@ class Pipeline:
             raise UserError("export needs an output folder (-o)")
         formats = stage.get("formats") or [stage.get("format", "onnx")]
         precision = stage.get("precision", "auto")
-        batch = stage.get("batch")
-        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-            raise UserError(f"export: batch must be a positive integer (a fixed batch size), got {batch!r}")
+        batch = stage.get("batch")  # checked in _validate
         names = stage.get("variants", "all")
         variants = list(self.result.variants.values()) if names == "all" else [self.result.variants[n] for n in names]
         parity_x = self._parity_images()
