@@ -327,7 +327,7 @@ class FTWT(TargetedPruneMethod):
         goal = cfg.flops_target
         if goal is None and cfg.ratio is not None:
             goal = (1 - cfg.ratio) ** 2  # channels kept on both sides of a conv
-        if goal is None and cfg.latency_target is not None:
+        if goal is None and cfg.by_latency:
             goal = self._latency_flops(model, layers, cfg, ctx)
         if goal is None:
             return 1.0
@@ -455,8 +455,8 @@ class FTWT(TargetedPruneMethod):
         full = {m: torch.ones(wm.groups[g].channels) for g in wm.groups for m in wm.groups[g].members}
         q = {**full, **scores}
         freq = group_importance(wm, q, normalize=False, combine="max")  # a stream channel fires if any writer does
-        budget = cfg.ratio is not None or cfg.flops_target is not None or cfg.latency_target is not None
-        if cfg.latency_target is not None:
+        budget = cfg.ratio is not None or cfg.flops_target is not None or cfg.by_latency
+        if cfg.by_latency:
             keep, how = _plan_latency(model, spec, example, importance_scores(wm, freq), cfg, False, "max", None)
             info.update(how)
         elif budget:

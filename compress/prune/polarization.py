@@ -333,7 +333,7 @@ class Polarization(TargetedPruneMethod):
         consensus_flops = wm.flops(wm.widths_of(keep)) / wm.flops(wm.full)
         info["consensus_flops_fraction"] = round(consensus_flops, 4)
         importance = {g: q[g].double() + 1e-3 * pbar[g].double() for g in q}
-        if cfg.latency_target is not None:
+        if cfg.by_latency:
             keep2, how = _plan_latency(model, spec, example, importance_scores(wm, importance), cfg, False, "max",
                                        start=keep)
             info.update(how)

@@ -66,18 +66,29 @@ GRID_POINTS = 8  # the latency table measures at most this many widths per layer
 class TargetConfig(PruneConfig):
     latency_target: float | None = option(None, "latency to reach in ms (batch 1) on the target runtime; per-group "
                                                 "ratios are chosen from a measured per-layer latency table")
-    latency_threads: int = option(1, "threads used when measuring latency for latency_target")
+    speedup_target: float | None = option(None, "speed-up over the unpruned model to reach, measured on the target "
+                                                "runtime (e.g. 1.5: 1.5x faster); a latency_target that travels "
+                                                "between machines (the dense model is measured first)")
+    latency_threads: int = option(1, "threads used when measuring latency for latency_target / speedup_target")
 
     requires_target: ClassVar[bool] = True  # score methods need one budget; gate methods may learn their own
+    BUDGETS: ClassVar[tuple[str, ...]] = ("ratio", "flops_target", "latency_target", "speedup_target")
+
+    @property
+    def by_latency(self) -> bool:
+        """The budget is measured latency (absolute ms or a speed-up over the dense model)."""
+        return self.latency_target is not None or self.speedup_target is not None
 
     def validate(self) -> None:
-        given = [n for n in ("ratio", "flops_target", "latency_target") if getattr(self, n) is not None]
+        given = [n for n in self.BUDGETS if getattr(self, n) is not None]
         if len(given) > 1:
-            raise UserError(f"pruning: give one of ratio, flops_target or latency_target, not {' and '.join(given)}")
+            raise UserError(f"pruning: give one of {', '.join(self.BUDGETS)}, not {' and '.join(given)}")
         if not given and self.requires_target:
-            raise UserError("pruning: give one of ratio, flops_target or latency_target")
+            raise UserError(f"pruning: give one of {', '.join(self.BUDGETS)}")
         if self.latency_target is not None and self.latency_target <= 0:
             raise UserError(f"latency_target is in milliseconds and must be positive, got {self.latency_target}")
+        if self.speedup_target is not None and self.speedup_target <= 1:
+            raise UserError(f"speedup_target must be above 1 (1.5 = 1.5x faster), got {self.speedup_target}")
         if self.latency_threads < 1:
             raise UserError(f"latency_threads must be at least 1, got {self.latency_threads}")
         # the remaining shared checks (lr, epochs, ratio range ...) are PruneConfig's
@@ -485,10 +496,10 @@ def plan_budget(model: nn.Module, spec: InputSpec, example: torch.Tensor, scores
     """Keep sets (group name -> channel indices) meeting cfg's budget, and a record of how they were chosen.
 
     uniform: ratio / flops_target use the engine's uniform per-group ratio (score methods); otherwise FLOPs are
-    allocated greedily (gate methods, whose scores are comparable across layers). latency_target is always greedy.
+    allocated greedily (gate methods, whose scores are comparable across layers). Latency budgets are always greedy.
     """
     info: dict[str, Any] = {}
-    if cfg.latency_target is not None:
+    if cfg.by_latency:
         return _plan_latency(model, spec, example, scores, cfg, normalize, combine, start)
     if uniform or cfg.ratio is not None:
         ratio = cfg.ratio
@@ -518,10 +529,13 @@ def _plan_latency(model, spec, example, scores, cfg, normalize, combine, start):
     log(f"latency table: {table.measured} new layer measurements ({table.path}); dense model measures "
         f"{full_ms:.3f} ms; model = {lat.a:.3f} + {lat.b:.3f} x sum(layers)")
     imp = group_importance(wm, scores, "share", "sum") if normalize else group_importance(wm, scores, False, combine)
-    goal, rounds, keeps = cfg.latency_target, [], []
+    target = cfg.latency_target if cfg.latency_target is not None else full_ms / cfg.speedup_target
+    if cfg.speedup_target is not None:
+        log(f"speed-up target {cfg.speedup_target:g}x: {target:.3f} ms")
+    goal, rounds, keeps = target, [], []
     keep: dict[str, list[int]] = {}
-    if full_ms <= cfg.latency_target:
-        log(f"the dense model already meets {cfg.latency_target} ms ({full_ms:.3f} ms): nothing more removed")
+    if full_ms <= target:
+        log(f"the dense model already meets {target:.3f} ms ({full_ms:.3f} ms): nothing more removed")
         return dict(start or {}), {"allocation": "latency", "latency_dense_ms": full_ms, "rounds": []}
     for r in range(3):
         # never strict: the model is a fit, so an allocation it predicts short of the goal may still measure in time
@@ -535,25 +549,26 @@ def _plan_latency(model, spec, example, scores, cfg, normalize, combine, start):
         rounds.append({"round": r + 1, "internal_target_ms": round(goal, 4), "predicted_ms": round(predicted, 4),
                        "measured_ms": round(measured, 4), "at_floor": at_floor,
                        "flops_fraction": round(wm.flops(wm.widths_of(keep)) / wm.flops(wm.full), 4)})
-        log(f"latency round {r + 1}: predicted {predicted:.3f} ms, measured {measured:.3f} ms (target {cfg.latency_target} ms)")
-        if measured <= cfg.latency_target * 1.02:
+        log(f"latency round {r + 1}: predicted {predicted:.3f} ms, measured {measured:.3f} ms (target {target:.3f} ms)")
+        if measured <= target * 1.02:
             break
         if at_floor:
-            raise UserError(f"latency target {cfg.latency_target} ms is out of reach with widths in steps of {step} "
+            raise UserError(f"latency target {target:.3f} ms is out of reach with widths in steps of {step} "
                             f"(each group keeps at least {MIN_KEEP_FRACTION:.0%}): the thinnest allocation measures "
                             f"{measured:.3f} ms; try a smaller --round-to or a larger target")
-        goal = min(goal, predicted) * cfg.latency_target / measured  # the model under-predicted: aim lower
+        goal = min(goal, predicted) * target / measured  # the model under-predicted: aim lower
     # the least-thinned allocation that measured within the target (else the last, thinnest one)
-    ok = [i for i, rd in enumerate(rounds) if rd["measured_ms"] <= cfg.latency_target * 1.02]
+    ok = [i for i, rd in enumerate(rounds) if rd["measured_ms"] <= target * 1.02]
     best = max(ok, key=lambda i: rounds[i]["measured_ms"]) if ok else len(rounds) - 1
     keep = keeps[best]
     info = {"allocation": "greedy by importance share per predicted ms", "round_to": step,
+            "latency_target_ms": round(target, 4),
             "latency_dense_ms": round(full_ms, 4),
             "latency_table": str(table.path), "latency_model": {"a": lat.a, "b": lat.b, "calibration": lat.calibration},
             "rounds": rounds, "latency_measured_ms": rounds[best]["measured_ms"],
             "widths": {g: len(v) for g, v in keep.items()}}
-    if rounds[best]["measured_ms"] > cfg.latency_target * 1.02:
-        log(f"[yellow]latency target {cfg.latency_target} ms not met: measured {rounds[best]['measured_ms']:.3f} ms[/]")
+    if rounds[best]["measured_ms"] > target * 1.02:
+        log(f"[yellow]latency target {target:.3f} ms not met: measured {rounds[best]['measured_ms']:.3f} ms[/]")
     return keep, info
 
 
