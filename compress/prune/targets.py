@@ -323,6 +323,76 @@ def greedy_fill(wm: WidthModel, importance: Mapping[str, torch.Tensor], cost: Ca
     return {g: sorted(v) for g, v in kept.items() if len(v) < wm.full[g]}
 
 
+def aligned_keep(wm: WidthModel, importance: Mapping[str, torch.Tensor], keep: Mapping[str, list[int]], step: int,
+                 cost: Callable[[Mapping[str, int]], float] | None = None,
+                 target: float | None = None) -> dict[str, list[int]]:
+    """Snap a free allocation (the gate methods' extraction) to widths that are multiples of `step` (--round-to).
+
+    Each group's width rounds to the nearest multiple of step (at least one step, at most the full width, which
+    always counts as aligned); the channels kept are the group's most important. Then, if a cost and target are
+    given and rounding up overshot the budget, whole steps are removed (greedy_keep, least importance per unit of
+    cost first) until cost <= target. Runtimes pad channels to SIMD blocks, so widths such as 5, 7 or 12 cost
+    like the next block up: free widths buy FLOPs but not latency.
+    """
+    if step <= 1:
+        return {g: list(v) for g, v in keep.items()}
+    widths = wm.widths_of(keep)
+    snapped: dict[str, list[int]] = {}
+    for g, full in wm.full.items():
+        if g not in importance:
+            if g in keep:
+                snapped[g] = list(keep[g])
+            continue
+        w = widths[g]
+        w_new = full if w >= full else min(full, max(step, int(math.floor(w / step + 0.5)) * step))
+        if w_new < full:
+            order = sorted(range(full), key=lambda i: (-float(importance[g][i]), i))  # most important first
+            snapped[g] = sorted(order[:w_new])
+    if cost is None or target is None:
+        return snapped
+    if cost(wm.widths_of(snapped)) > target:
+        def grid_below(g: str, w: int) -> list[int]:
+            below = (w - 1) // step * step
+            return [below] if below >= step else []
+
+        snapped = greedy_keep(wm, importance, cost, target, start=snapped, next_width=grid_below, strict=False)
+    return _fill_steps(wm, importance, cost, target, snapped, step)
+
+
+def _fill_steps(wm: WidthModel, importance: Mapping[str, torch.Tensor], cost: Callable[[Mapping[str, int]], float],
+                target: float, keep: Mapping[str, list[int]], step: int) -> dict[str, list[int]]:
+    """greedy_fill in whole grid steps: give back the next `step` most important channels of the group that
+    buys the most importance per unit of cost, while the cost stays <= target (rounding may undershoot)."""
+    kept = {g: set(keep.get(g, range(wm.full[g]))) for g in importance if g in wm.full}
+    pending = {g: sorted(set(range(wm.full[g])) - kept[g], key=lambda i: (-float(importance[g][i]), i)) for g in kept}
+    widths = {g: len(kept[g]) if g in kept else c for g, c in wm.full.items()}
+    current = cost(widths)
+    while True:
+        best, best_val, best_cost = None, -math.inf, current
+        for g, todo in pending.items():
+            if not todo:
+                continue
+            n = min(len(todo), step - widths[g] % step) if widths[g] % step else min(len(todo), step)
+            widths[g] += n
+            c = cost(widths)
+            widths[g] -= n
+            if c > target:
+                continue
+            val = sum(float(importance[g][i]) for i in todo[:n]) / max(c - current, 1e-12)
+            if val > best_val:
+                best, best_val, best_cost = g, val, c
+        if best is None:
+            break
+        n = min(len(pending[best]), step - widths[best] % step) if widths[best] % step else min(len(pending[best]), step)
+        kept[best].update(pending[best][:n])
+        del pending[best][:n]
+        widths[best] += n
+        current = best_cost
+    out = {g: sorted(v) for g, v in kept.items() if len(v) < wm.full[g]}
+    out.update({g: list(v) for g, v in keep.items() if g not in kept})
+    return out
+
+
 # ---- latency table ----------------------------------------------------------------------------------------
 
 def _cache_dir() -> Path:
@@ -678,7 +748,7 @@ class TargetedPruneMethod(ImportancePruneMethod):
         if cfg.finetune_epochs:
             epochs: list[dict] = []
             finetune(model, ctx, cfg.finetune_epochs, cfg.lr, cfg.batch_size, teacher=teacher,
-                     distill=cfg.distill, log=epochs)
+                     distill=cfg.distill, temperature=cfg.distill_temperature, alpha=cfg.distill_alpha, log=epochs)
             entry["finetune"] = epochs
         return LoadedModel(model.eval(), lm.spec, "compress", lm.source, lm.arch, dict(lm.arch_kwargs),
                            list(lm.edits), [*lm.history, entry])

@@ -1,0 +1,78 @@
+"""Pruning's fine-tuning recipe options (distill_alpha, distill_temperature) and channel-grid alignment
+(round_to) of the gate methods' free allocations."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import compress.prune.base as prune_base
+import compress.prune.targets as targets
+from compress.errors import UserError
+from compress.io import LoadedModel
+from compress.prune import METHODS
+from compress.prune.baselines import l1_scores
+from compress.prune.targets import WidthModel, aligned_keep, group_importance
+from compress.stages import Context, build_config
+from tests.compress.test_prune_methods import _small_vgg, _spec
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_distill_options_validate_and_reach_finetune(monkeypatch):
+    seen = []
+
+    def fake_finetune(model, ctx, epochs, lr, batch_size, **kw):
+        seen.append({"epochs": epochs, "lr": lr, "batch_size": batch_size, **kw})
+        return model.eval()
+
+    monkeypatch.setattr(targets, "finetune", fake_finetune)
+    monkeypatch.setattr(prune_base, "finetune", fake_finetune)
+    method = METHODS.get("l1")
+    cfg = build_config(method, {"flops_target": 0.6, "finetune_epochs": 2, "distill_alpha": 0.3,
+                                "distill_temperature": 2.0, "bn_recalibration": 0})
+    lm = LoadedModel(_small_vgg(), _spec(), "compress", "t", "x:y")
+    out = method.apply(lm, cfg, Context(spec=_spec(), data={"train": "random:32"}))
+    assert seen and seen[0]["alpha"] == 0.3 and seen[0]["temperature"] == 2.0 and seen[0]["epochs"] == 2
+    assert out.history[-1]["config"]["distill_alpha"] == 0.3
+    defaults = build_config(method, {"flops_target": 0.6})
+    assert 0 <= defaults.distill_alpha <= 1 and defaults.distill_temperature > 0
+    for bad in ({"distill_alpha": 1.5}, {"distill_alpha": -0.1}, {"distill_temperature": 0}):
+        with pytest.raises(UserError, match="distill_"):
+            build_config(method, {"flops_target": 0.6, **bad})
+
+
+def test_aligned_keep_snaps_to_the_grid_and_meets_the_budget(resnet20):
+    model, x = copy.deepcopy(resnet20.model).eval(), resnet20.spec.example(1)
+    wm = WidthModel(model, x)
+    imp = group_importance(wm, l1_scores(model), "share", "sum")
+    # a free allocation with odd widths (what the gate methods' extraction gives)
+    free = {g: sorted(torch.argsort(imp[g], descending=True)[:full * 6 // 10 + 1].tolist())
+            for g, full in wm.full.items()}
+    assert any(len(v) % 8 for v in free.values())
+    base = wm.flops(wm.full)
+    frac = lambda w: wm.flops(w) / base  # noqa: E731
+    snapped = aligned_keep(wm, imp, free, 8)
+    assert all(len(v) % 8 == 0 for v in snapped.values())
+    for g, kept in snapped.items():  # each group keeps its most important channels
+        top = set(torch.argsort(imp[g], descending=True)[:len(kept)].tolist())
+        assert set(kept) == top
+    target = frac(wm.widths_of(free))
+    fit = aligned_keep(wm, imp, free, 8, frac, target)
+    assert all(len(v) % 8 == 0 for v in fit.values()) and frac(wm.widths_of(fit)) <= target + 1e-9
+    assert aligned_keep(wm, imp, free, 1) == free
+
+
+@pytest.mark.parametrize("method", ["polarization", "ftwt"])
+def test_gate_methods_respect_round_to(method):
+    m = METHODS.get(method)
+    ctx = Context(spec=_spec(), data={"train": "random:64"})
+    lm = LoadedModel(_small_vgg(), _spec(), "compress", "t", "x:y")
+    cfg = build_config(m, {"flops_target": 0.6, "max_steps": 2, "batch_size": 32, "calib_images": 64,
+                           "round_to": 4})
+    out = m.apply(lm, cfg, ctx)
+    h = out.history[-1]
+    assert h["aligned_to"] == 4 and h["flops_after"] <= 0.6 * h["flops_before"] + 1
+    assert all(c.out_channels % 4 == 0 for c in out.model.modules() if isinstance(c, nn.Conv2d))
