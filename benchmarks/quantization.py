@@ -5,6 +5,10 @@ calibration at W8A8, W4A8, W4A4 and W2A4, on the real pretrained CIFAR-10 ResNet
     .venv/bin/python benchmarks/quantization.py --models resnet20 --preset smoke --out /tmp/q   # a quick check
     # rerun only some rows into the committed results (Genie-D images cached: synthesis is deterministic)
     .venv/bin/python benchmarks/quantization.py --models resnet32 --parts genie,diagnose --merge --synth-cache /tmp/genie
+    # more Genie-M seeds for some cells (genie and real calibration; the calibration images stay fixed)
+    .venv/bin/python benchmarks/quantization.py --parts seeds --seeds 1,2 --seed-bits w4a4,w2a4 --merge --synth-cache /tmp/genie
+    # replace the "Reading the results" notes (one per paragraph of a text file) and re-render the markdown
+    .venv/bin/python benchmarks/quantization.py --notes notes.txt
 
 Writes benchmarks/results/quantization.json (everything, including per-unit reconstruction statistics) and
 quantization.md (the tables). Budgets are per preset (PRESETS below) and recorded with the results, as are the
@@ -52,8 +56,10 @@ SOURCES = ("genie", "real", "noise")
 # budgets: calibration images (each source), Genie-D iterations / generator width, reconstruction
 # iterations per unit (per bit-width), min-max and NNCF calibration images
 PRESETS = {
-    "bench": dict(samples=128, distill_iters=200, gen_width=64, recon_iters={"w8a8": 60, "w4a8": 150, "w4a4": 150, "w2a4": 150},
-                  minmax_calib=512, nncf_calib=300, jpeg_n=2000),
+    # bench: 256 images x 400 Genie-D iterations (the reference: 1024 x 4000; 4x the compute of fast's 128 x 200),
+    # the same 256 images for real and noise calibration; all 10000 JPEG test images (2000 left ~0.9 pt of noise)
+    "bench": dict(samples=256, distill_iters=400, gen_width=64, recon_iters={"w8a8": 60, "w4a8": 150, "w4a4": 150, "w2a4": 150},
+                  minmax_calib=512, nncf_calib=300, jpeg_n=10000),
     "fast": dict(samples=128, distill_iters=200, gen_width=64, recon_iters={b: 200 for b in BITS},
                  minmax_calib=512, nncf_calib=300, jpeg_n=2000),
     "smoke": dict(samples=32, distill_iters=10, gen_width=32, recon_iters={b: 5 for b in BITS},
@@ -78,9 +84,10 @@ PARTS = ("fp32", "minmax", "nncf", "genie")
 
 class Bench:
     def __init__(self, arch: str, preset: dict, out: Path, latency: bool, parts: tuple[str, ...] = PARTS,
-                 synth_cache: Path | None = None):
+                 synth_cache: Path | None = None, seeds: tuple[int, ...] = (1, 2), seed_bits: tuple[str, ...] = BITS):
         self.arch, self.p, self.out, self.latency = arch, preset, out, latency
         self.parts, self.synth_cache = parts, synth_cache
+        self.seeds, self.seed_bits, self.seed_rows = seeds, seed_bits, []
         self.lm = zoo_model(arch)
         self.norm = Normalizer(self.lm.spec.mean, self.lm.spec.std)
         lossless = load_dataset(f"cifar10:{data_path('cifar10_test_lossless846.npz')}")
@@ -115,7 +122,8 @@ class Bench:
                               gen_c2=self.p["gen_width"] // 2, seed=0)
         cache = (self.synth_cache / f"{self.arch}_genie_n{n}_it{cfg.iters}_w{cfg.gen_c1}_s{cfg.seed}.pt"
                  if self.synth_cache else None)
-        if cache is not None and cache.is_file():  # Genie-D is deterministic (seeded, one thread): same images
+        from_cache = cache is not None and cache.is_file()
+        if from_cache:  # Genie-D is deterministic (seeded, one thread): same images
             saved = torch.load(cache, weights_only=False)
             x, summary, synth_s, load = saved["x"], saved["summary"], saved["seconds"], saved["loadavg"]
             log(f"{self.arch} Genie-D {n} images from {cache} (synthesized in {synth_s:.0f}s)")
@@ -129,7 +137,7 @@ class Bench:
         log(f"{self.arch} Genie-D {n} images in {synth_s:.0f}s, loss {summary['batches'][0]['first']['loss']:.2f} -> "
             f"{summary['batches'][-1]['last']['loss']:.3f}")
         self.synthesis = {"seconds": round(synth_s, 1), "images": n, "config": summary["config"],
-                          "batches": summary["batches"], "loadavg": load, "cached": cache is not None and cache.is_file()}
+                          "batches": summary["batches"], "loadavg": load, "cached": from_cache}
         return {"genie": (x, {"source": "Genie-D", "seconds": synth_s}),
                 "real": (self.norm(real.images), {"source": real.source, "seconds": 0.0}),
                 "noise": (self.norm(noise.images, True), {"source": "N(0,1)", "seconds": 0.0})}
@@ -139,7 +147,7 @@ class Bench:
         if "fp32" in self.parts:
             self.add("fp32", "-", "-", self.lm.model, 0.0)
             self.export("fp32", "-", "-", self.lm.model)
-        calib = self.calibration() if "genie" in self.parts else {}
+        calib = self.calibration() if {"genie", "seeds"} & set(self.parts) else {}
         self.calib_cache = calib
         if "minmax" in self.parts:
             self.run_minmax()
@@ -147,6 +155,8 @@ class Bench:
             self.run_nncf()
         if "genie" in self.parts:
             self.run_genie(calib)
+        if "seeds" in self.parts:
+            self.run_seeds(calib)
 
     def run_minmax(self) -> None:
         from compress.quantize.calibrate import calibrate
@@ -202,6 +212,24 @@ class Bench:
                 elif source == "genie" and bits not in exported_low:
                     exported_low.add(bits)
                     self.export("genie", bits, source, gm, latency=False)
+
+    def run_seeds(self, calib: dict) -> None:
+        """Genie-M again with other seeds (QDrop masks, mini-batch order, activation-grid samples) on the same
+        calibration images, genie and real data: the spread of one cell, for goals decided by a few images."""
+        from compress.quantize.genie import GenieConfig, genie_quantize
+
+        for bits in self.seed_bits:
+            for source in ("genie", "real"):
+                for seed in self.seeds:
+                    cfg = GenieConfig(bits=bits, preset="fast", recon_iters=self.p["recon_iters"][bits])
+                    t = time.perf_counter()
+                    gm, _ = genie_quantize(self.lm.model, calib[source][0], cfg, seed=seed, spec=self.lm.spec)
+                    seconds = time.perf_counter() - t
+                    acc = self.accuracy(gm)
+                    self.seed_rows.append({"model": self.arch, "method": "genie", "bits": bits, "calib": source,
+                                           "seed": seed, "accuracy": acc, "seconds": round(seconds, 1),
+                                           "loadavg": loadavg()})
+                    log(f"{self.arch} genie {bits} {source:6s} seed {seed} {acc} {seconds:.0f}s")
 
     # --- diagnosis: where does W8A8 lose accuracy on Genie-D data? ----------------------------------------------------
     def diagnose(self, calib: dict) -> list[dict]:
@@ -428,6 +456,45 @@ def goals(rows: list[dict], jpeg_key: str) -> list[dict]:
     return out
 
 
+def seed_cells(rows: list[dict], seed_rows: list[dict]) -> dict[tuple, dict]:
+    """(model, bits, calib) -> {dataset: [accuracy per seed, seed 0 (the main row) first]}, cells with seed rows only."""
+    main = {(r["model"], r["bits"], r["calib"]): r for r in rows if r["method"] == "genie"}
+    cells: dict[tuple, dict] = {}
+    for r in sorted(seed_rows, key=lambda r: r["seed"]):
+        key = (r["model"], r["bits"], r["calib"])
+        if key not in main:
+            continue
+        cell = cells.setdefault(key, {"seeds": [0], **{ds: [v] for ds, v in main[key]["accuracy"].items()}})
+        cell["seeds"].append(r["seed"])
+        for ds, v in r["accuracy"].items():
+            cell[ds].append(v)
+    return cells
+
+
+def seed_goals(rows: list[dict], seed_rows: list[dict]) -> list[dict]:
+    """The goals again on the mean over Genie-M seeds, for the cells that have more than one seed."""
+    cells, out = seed_cells(rows, seed_rows), []
+    fp = {r["model"]: r["accuracy"] for r in rows if r["method"] == "fp32"}
+    for (arch, bits, calib), cell in sorted(cells.items()):
+        if calib != "genie":
+            continue
+        n = len(cell["seeds"])
+        for ds in fp.get(arch, {}):
+            mean = float(np.mean(cell[ds]))
+            checks = []
+            if bits == "w8a8":
+                checks.append(("Genie W8A8 (genie data) within 0.3 pt of FP", fp[arch][ds] - 0.3))
+            if bits == "w4a4":
+                checks.append(("Genie W4A4 (zero real data) within 3 pt of FP", fp[arch][ds] - 3.0))
+            real = cells.get((arch, bits, "real"))
+            if real is not None and len(real["seeds"]) == n:
+                checks.append((f"genie data within 1 pt of real data, {bits.upper()}", float(np.mean(real[ds])) - 1.0))
+            for name, bound in checks:
+                out.append({"model": arch, "dataset": ds, "goal": f"{name}: mean of {n} Genie-M seeds",
+                            "value": round(mean, 2), "bound": round(bound, 2), "met": bool(mean >= bound - 1e-9)})
+    return out
+
+
 def markdown(result: dict) -> str:
     rows, exports = result["rows"], result["exports"]
     sets = list(rows[0]["accuracy"]) if rows else []
@@ -437,8 +504,9 @@ def markdown(result: dict) -> str:
              f"{result['loadavg_end']}. Total wall time {result['seconds'] / 60:.1f} min. Preset `{result['preset']}`: "
              f"{json.dumps(result['budgets'])}.", "",
              "Accuracy is top-1 % in torch (fake-quant). `lossless846`: the first 846 CIFAR-10 test images, lossless "
-             f"(published FP numbers reproduce here); `{sets[-1] if sets else 'jpeg'}`: the first images of the JPEG "
-             "(q75) copy of the test set. Calibration: `genie` = Genie-D images synthesized from the model's BN "
+             f"(published FP numbers reproduce here); `{sets[-1] if sets else 'jpeg'}`: "
+             f"{'all' if result['budgets'].get('jpeg_n', 0) >= 10000 else 'the first'} images of the JPEG (q75) copy of "
+             "the CIFAR-10 test set (cifar10_test_jpeg). Calibration: `genie` = Genie-D images synthesized from the model's BN "
              "statistics (zero real data; synthesized once per model, reused by every bit-width), `real` = "
              "cifar10_calib1000_jpeg training images, `noise` = N(0, 1) in normalized space. Time is the method's "
              "wall time (Genie-D synthesis is listed once per model, not in the Genie rows).", ""]
@@ -446,7 +514,7 @@ def markdown(result: dict) -> str:
         syn = result["synthesis"].get(arch, {})
         lines += [f"## {arch}", "", f"Genie-D: {syn.get('images')} images, {syn.get('config', {}).get('iters')} "
                   f"iterations, generator width {syn.get('config', {}).get('gen_c1')}: {syn.get('seconds')} s "
-                  f"(load {syn.get('loadavg')}).", ""]
+                  f"(load {syn.get('loadavg')}){'; synthesized by an earlier process with the same seed and budget, read from the cache' if syn.get('cached') else ''}.", ""]
         lines += ["| method | bits | calib | " + " | ".join(sets) + " | time (s) | notes |",
                   "|---|---|---|" + "---:|" * len(sets) + "---:|---|"]
         for r in rows:
@@ -503,12 +571,26 @@ def markdown(result: dict) -> str:
                   "from the original run.", "", "| when (UTC) | models | parts | rows | exports | wall (min) | load average "
                   "start → end |", "|---|---|---|---:|---:|---:|---|"]
         for r in result["reruns"]:
-            lines.append(f"| {r['created']} | {', '.join(r['models'])} | {', '.join(r['parts'])} | {r['rows_replaced']} | "
+            seeded = f" + {r['seed_rows']} seed rows" if r.get("seed_rows") else ""
+            lines.append(f"| {r['created']} | {', '.join(r['models'])} | {', '.join(r['parts'])} | {r['rows_replaced']}{seeded} | "
                          f"{r['exports_replaced']} | {r['seconds'] / 60:.1f} | {r['loadavg_start']} → {r['loadavg_end']} |")
+        lines.append("")
+    cells = seed_cells(rows, result.get("seed_rows", []))
+    if cells:
+        lines += ["## Seeds", "", "Genie-M run again with other seeds (QDrop masks, mini-batch order, the samples the "
+                  "activation grids are searched on) on the same calibration images; seed 0 is the row above. The "
+                  "spread is what one cell moves between runs that differ only in the seed. The calibration images "
+                  "(Genie-D seed, real subset) stay fixed: the spread from choosing other images is not in it.", "",
+                  "| model | bits | calib | seeds | " + " | ".join(f"{s} per seed | {s} mean (min-max)" for s in sets) + " |",
+                  "|---|---|---|---|" + "---|---:|" * len(sets)]
+        for (arch, bits, calib), cell in sorted(cells.items()):
+            lines.append(f"| {arch} | {bits} | {calib} | {', '.join(map(str, cell['seeds']))} | " + " | ".join(
+                f"{', '.join(f'{v:.2f}' for v in cell[s])} | {np.mean(cell[s]):.2f} ({min(cell[s]):.2f}-{max(cell[s]):.2f})"
+                for s in sets) + " |")
         lines.append("")
     if result.get("diagnosis"):
         sets = list(result["diagnosis"][0]["accuracy"])
-        lines += ["## Diagnosis: W8A8 on Genie-D data", "",
+        lines += ["## Diagnosis: W8A8 on Genie-D data", "", *([result["diagnosis_from"], ""] if result.get("diagnosis_from") else []),
                   "One factor at a time (`input` = the grid of the network input, i.e. the first conv's input: `calib` "
                   "fitted to the calibration images, `spec` the exact normalized [0, 1] pixel range from the model's "
                   "mean/std). Calibration: 128 images of each source.", "",
@@ -521,14 +603,17 @@ def markdown(result: dict) -> str:
                          + " | ".join(f"{d['accuracy'][k]:.2f}" for k in sets) + f" | {d['seconds']:.0f} |")
         lines.append("")
     if result.get("ablations"):
-        lines += ["## Ablation: Genie-D budget", "", result.get("ablation_note", ""), "",
+        lines += ["## Ablation: Genie-D budget", "", *([result["ablations_from"], ""] if result.get("ablations_from") else []),
+                  result.get("ablation_note", ""), "",
                   "| model | images | Genie-D iterations | generator width | synthesis (s) | final BN loss | bits | "
                   "lossless846 | jpeg2000 |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
         for a in result["ablations"]:
             lines.append(f"| {a['model']} | {a['images']} | {a['distill_iters']} | {a['gen_width']} | {a['synthesis_s']} | "
                          f"{max(a['bn_loss_last']):.3f} | {a['bits']} | {a['lossless846']:.2f} | {a['jpeg2000']:.2f} |")
         lines.append("")
-    lines += ["## Goals", "", "| model | dataset | goal | value | bound | met |", "|---|---|---|---:|---:|---|"]
+    lines += ["## Goals", "", "Rows ending in `mean of N Genie-M seeds` check the same goal on the mean over the seeds "
+              "in the Seeds table; the other rows are the single seed-0 run above.", "",
+              "| model | dataset | goal | value | bound | met |", "|---|---|---|---:|---:|---|"]
     for g in result["goals"]:
         lines.append(f"| {g['model']} | {g['dataset']} | {g['goal']} | {g['value']:.2f} | {g['bound']:.2f} | "
                      f"{'yes' if g['met'] else '**no**'} |")
@@ -549,7 +634,13 @@ def main() -> None:
                     help="only add the int4 variants of the 4/2-bit exports found in this folder to an existing "
                          "quantization.json in --out (repeatable)")
     ap.add_argument("--parts", default=",".join(PARTS),
-                    help=f"what to run, comma-separated from {', '.join(PARTS)}, diagnose (W8A8 one factor at a time)")
+                    help=f"what to run, comma-separated from {', '.join(PARTS)}, diagnose (W8A8 one factor at a time), "
+                         "seeds (Genie-M with --seeds on genie and real data at --seed-bits)")
+    ap.add_argument("--seeds", default="1,2", help="Genie-M seeds for --parts seeds (seed 0 is the main run)")
+    ap.add_argument("--seed-bits", default=",".join(BITS), help="bit-widths for --parts seeds")
+    ap.add_argument("--notes", type=Path,
+                    help="a text file of notes (one per paragraph): with no --parts given, only replace the notes of "
+                         "the existing quantization.json in --out and re-render the markdown; otherwise stored with the run")
     ap.add_argument("--merge", action="store_true",
                     help="replace only the rows (and exports) this run produces in the existing quantization.json in "
                          "--out, keep the rest, recompute the goals, and record the rerun")
@@ -560,28 +651,44 @@ def main() -> None:
     if args.int4_from:
         add_int4(args.out, args.int4_from)
         return
+    notes = None if args.notes is None else [" ".join(para.split()) for para in args.notes.read_text().split("\n\n")
+                                             if para.strip()]
+    if notes is not None and "--parts" not in sys.argv:
+        result = json.loads((args.out / "quantization.json").read_text())
+        result["notes"] = notes
+        (args.out / "quantization.json").write_text(json.dumps(result, indent=2))
+        (args.out / "quantization.md").write_text(markdown(result))
+        log(f"notes: {len(notes)} written to {args.out / 'quantization.json'} and quantization.md")
+        return
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    unknown = set(parts) - set(PARTS) - {"diagnose"}
+    unknown = set(parts) - set(PARTS) - {"diagnose", "seeds"}
     if unknown:
         ap.error(f"unknown --parts {', '.join(sorted(unknown))}")
     preset = dict(PRESETS[args.preset])
     if args.jpeg_n:
         preset["jpeg_n"] = args.jpeg_n
     start, load0 = time.perf_counter(), loadavg()
-    rows, exports, synthesis, diagnosis = [], [], {}, []
+    rows, exports, synthesis, diagnosis, seed_rows = [], [], {}, [], []
     models = [a.strip() for a in args.models.split(",") if a.strip()]
+    seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+    seed_bits = tuple(b.strip() for b in args.seed_bits.split(",") if b.strip())
+    if set(seed_bits) - set(BITS) or 0 in seeds:
+        ap.error(f"--seed-bits from {', '.join(BITS)}; --seeds other than 0 (the main run)")
     for arch in models:
-        b = Bench(arch, preset, args.out, not args.no_latency, parts, args.synth_cache)
+        b = Bench(arch, preset, args.out, not args.no_latency, parts, args.synth_cache, seeds, seed_bits)
         b.run()
         if "diagnose" in parts:
-            diagnosis += b.diagnose(b.calibration() if "genie" not in parts else b.calib_cache)
+            diagnosis += b.diagnose(b.calib_cache or b.calibration())
+        seed_rows += b.seed_rows
         rows += b.rows
         exports += b.exports
         if hasattr(b, "synthesis"):
             synthesis[arch] = b.synthesis
     if args.merge:
-        merge(args.out, preset, parts, models, rows, exports, synthesis, diagnosis, start, load0)
+        merge(args.out, preset, parts, models, rows, exports, synthesis, diagnosis, start, load0, seed_rows)
         return
+    previous_path = args.out / "quantization.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.is_file() else {}
     result = {
         "schema": "compress.bench.quantization/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -589,9 +696,22 @@ def main() -> None:
         "loadavg_start": load0, "loadavg_end": loadavg(), "torch_threads": torch.get_num_threads(),
         "environment": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                         "versions": {p: _version(p) for p in ("torch", "onnx", "onnxruntime", "openvino", "nncf")}},
-        "synthesis": synthesis, "rows": rows, "exports": exports, "diagnosis": diagnosis,
+        "synthesis": synthesis, "rows": rows, "exports": exports, "diagnosis": diagnosis, "seed_rows": seed_rows,
     }
-    result["goals"] = goals(rows, "")
+    # sections this run does not redo (the W8A8 diagnosis, the Genie-D budget ablation) are kept from the previous
+    # result, labelled with the run and budgets they come from
+    for key, label in (("diagnosis", "diagnosis"), ("ablations", "ablations")):
+        if not result.get(key) and previous.get(key):
+            result[key] = previous[key]
+            if key == "ablations":
+                result["ablation_note"] = previous.get("ablation_note", "")
+            result[f"{label}_from"] = previous.get(f"{label}_from") or (
+                f"Kept from the run of {previous.get('created')} (its reruns included), not redone with this run's "
+                f"budgets: preset budgets then {json.dumps(previous.get('budgets'))}; the accuracy columns name the "
+                f"evaluation sets it used.")
+    if notes is not None:
+        result["notes"] = notes
+    result["goals"] = goals(rows, "") + seed_goals(rows, seed_rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quantization.json").write_text(json.dumps(result, indent=2))
     (args.out / "quantization.md").write_text(markdown(result))
@@ -599,10 +719,10 @@ def main() -> None:
 
 
 def merge(out: Path, preset: dict, parts: tuple[str, ...], models: list[str], rows: list[dict], exports: list[dict],
-          synthesis: dict, diagnosis: list[dict], start: float, load0: list[float]) -> None:
+          synthesis: dict, diagnosis: list[dict], start: float, load0: list[float], seed_rows: list[dict] = ()) -> None:
     """Replace the rows/exports with the same (model, method, bits, calib) in the committed result; keep the rest."""
     result = json.loads((out / "quantization.json").read_text())
-    sets = {tuple(r["accuracy"]) for r in result["rows"] + rows}
+    sets = {tuple(r["accuracy"]) for r in result["rows"] + rows + list(seed_rows)}
     if len(sets) > 1:
         raise SystemExit(f"--merge: the eval sets differ ({sorted(sets)}): use the committed run's preset / --jpeg-n")
 
@@ -614,15 +734,20 @@ def merge(out: Path, preset: dict, parts: tuple[str, ...], models: list[str], ro
         kept = [r for r in result[name] if key(r) not in fresh]
         order = {key(r): i for i, r in enumerate(result[name])}
         result[name] = sorted(kept + new, key=lambda r: (r["model"], order.get(key(r), len(order))))
-    result["synthesis"].update(synthesis)
+    if "genie" in parts:  # the seeds part reuses the same (cached) images: keep the main run's synthesis record
+        result["synthesis"].update(synthesis)
+    if seed_rows:
+        fresh = {(r["model"], r["bits"], r["calib"], r["seed"]) for r in seed_rows}
+        result["seed_rows"] = [r for r in result.get("seed_rows", [])
+                               if (r["model"], r["bits"], r["calib"], r["seed"]) not in fresh] + list(seed_rows)
     if diagnosis:
         result["diagnosis"] = [d for d in result.get("diagnosis", []) if d["model"] not in models] + diagnosis
     result.setdefault("reruns", []).append({
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "parts": list(parts), "models": models,
         "budgets": preset, "seconds": round(time.perf_counter() - start, 1), "loadavg_start": load0,
         "loadavg_end": loadavg(), "rows_replaced": len(rows), "exports_replaced": len(exports),
-        "diagnosis_rows": len(diagnosis)})
-    result["goals"] = goals(result["rows"], "")
+        "diagnosis_rows": len(diagnosis), "seed_rows": len(seed_rows)})
+    result["goals"] = goals(result["rows"], "") + seed_goals(result["rows"], result.get("seed_rows", []))
     (out / "quantization.json").write_text(json.dumps(result, indent=2))
     (out / "quantization.md").write_text(markdown(result))
     log(f"merged {len(rows)} rows, {len(exports)} exports, {len(diagnosis)} diagnosis rows into {out / 'quantization.json'}")
