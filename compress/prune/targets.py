@@ -294,31 +294,39 @@ def greedy_keep(wm: WidthModel, importance: Mapping[str, torch.Tensor], cost: Ca
 
 
 def greedy_fill(wm: WidthModel, importance: Mapping[str, torch.Tensor], cost: Callable[[Mapping[str, int]], float],
-                target: float, keep: Mapping[str, list[int]]) -> dict[str, list[int]]:
+                target: float, keep: Mapping[str, list[int]], step: int = 1) -> dict[str, list[int]]:
     """The reverse of greedy_keep: give removed channels back, most important per unit of cost first, while the
-    cost stays <= target (for learned allocations that undershot their budget)."""
+    cost stays <= target (for learned allocations that undershot their budget). step > 1 gives them back so that
+    widths return to multiples of step (the next `step` most important channels of a group at a time)."""
     kept = {g: set(v) for g, v in keep.items()}
     pending = {g: sorted(set(range(wm.full[g])) - kept[g], key=lambda i: (-float(importance[g][i]), i))
                for g in kept if g in importance}
     widths = wm.widths_of(keep)
+
+    def size(g: str) -> int:  # channels to give back to g in one move: up to the next multiple of step
+        return min(len(pending[g]), step - widths[g] % step)
+
     current = cost(widths)
     while True:
         best, best_val, best_cost = None, -math.inf, current
         for g, todo in pending.items():
             if not todo:
                 continue
-            widths[g] += 1
+            n = size(g)
+            widths[g] += n
             c = cost(widths)
-            widths[g] -= 1
+            widths[g] -= n
             if c > target:
                 continue
-            val = float(importance[g][todo[0]]) / max(c - current, 1e-12)
+            val = sum(float(importance[g][i]) for i in todo[:n]) / max(c - current, 1e-12)
             if val > best_val:
                 best, best_val, best_cost = g, val, c
         if best is None:
             break
-        kept[best].add(pending[best].pop(0))
-        widths[best] += 1
+        n = size(best)
+        kept[best].update(pending[best][:n])
+        del pending[best][:n]
+        widths[best] += n
         current = best_cost
     return {g: sorted(v) for g, v in kept.items() if len(v) < wm.full[g]}
 
@@ -356,41 +364,7 @@ def aligned_keep(wm: WidthModel, importance: Mapping[str, torch.Tensor], keep: M
             return [below] if below >= step else []
 
         snapped = greedy_keep(wm, importance, cost, target, start=snapped, next_width=grid_below, strict=False)
-    return _fill_steps(wm, importance, cost, target, snapped, step)
-
-
-def _fill_steps(wm: WidthModel, importance: Mapping[str, torch.Tensor], cost: Callable[[Mapping[str, int]], float],
-                target: float, keep: Mapping[str, list[int]], step: int) -> dict[str, list[int]]:
-    """greedy_fill in whole grid steps: give back the next `step` most important channels of the group that
-    buys the most importance per unit of cost, while the cost stays <= target (rounding may undershoot)."""
-    kept = {g: set(keep.get(g, range(wm.full[g]))) for g in importance if g in wm.full}
-    pending = {g: sorted(set(range(wm.full[g])) - kept[g], key=lambda i: (-float(importance[g][i]), i)) for g in kept}
-    widths = {g: len(kept[g]) if g in kept else c for g, c in wm.full.items()}
-    current = cost(widths)
-    while True:
-        best, best_val, best_cost = None, -math.inf, current
-        for g, todo in pending.items():
-            if not todo:
-                continue
-            n = min(len(todo), step - widths[g] % step) if widths[g] % step else min(len(todo), step)
-            widths[g] += n
-            c = cost(widths)
-            widths[g] -= n
-            if c > target:
-                continue
-            val = sum(float(importance[g][i]) for i in todo[:n]) / max(c - current, 1e-12)
-            if val > best_val:
-                best, best_val, best_cost = g, val, c
-        if best is None:
-            break
-        n = min(len(pending[best]), step - widths[best] % step) if widths[best] % step else min(len(pending[best]), step)
-        kept[best].update(pending[best][:n])
-        del pending[best][:n]
-        widths[best] += n
-        current = best_cost
-    out = {g: sorted(v) for g, v in kept.items() if len(v) < wm.full[g]}
-    out.update({g: list(v) for g, v in keep.items() if g not in kept})
-    return out
+    return greedy_fill(wm, importance, cost, target, snapped, step)
 
 
 # ---- latency table ----------------------------------------------------------------------------------------
