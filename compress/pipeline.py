@@ -7,6 +7,7 @@ profile measures artifacts on a device. The run ends with one table and `manifes
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field, replace
@@ -111,10 +112,14 @@ class Pipeline:
                 batch = s.get("batch")
                 if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
                     raise UserError(f"export: batch must be a positive integer (a fixed batch size), got {batch!r}")
-            elif s["stage"] == "profile" and s.get("budget"):
-                from compress.gates import parse_budget
+            elif s["stage"] == "profile":
+                rounds = s.get("rounds", 1)
+                if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+                    raise UserError(f"profile: rounds must be a positive integer, got {rounds!r}")
+                if s.get("budget"):
+                    from compress.gates import parse_budget
 
-                parse_budget(s["budget"])
+                    parse_budget(s["budget"])
 
     def _load(self) -> None:
         r = self.recipe
@@ -208,6 +213,9 @@ class Pipeline:
         Budgets are those of `compress profile --budget` (compress/gates.py); accuracy.drop compares each artifact's
         top-1 with the original model's on the recipe's eval sets (the worst set counts). A violated budget fails
         the run (exit 1) after every artifact was profiled and its profile and gate report written.
+        `rounds: N` profiles every artifact N times, interleaved (round 1 of each artifact, then round 2 ...), each
+        in a fresh process, and keeps the round with the median p50: on a shared machine one process can run 20-30%
+        slow, and interleaving spreads drift over all artifacts alike. Every round's p50 is recorded.
         """
         from compress import gates
         from devices import profile_artifact
@@ -218,13 +226,22 @@ class Pipeline:
         budgets = gates.parse_budget(stage.get("budget"))
         if gates.needs_accuracy(budgets) and not self.eval_sets:
             raise UserError("profile stage: an accuracy budget needs eval data (data: eval: [...]) in the recipe")
-        opts = {k: v for k, v in stage.items() if k not in ("stage", "artifacts", "budget")}
+        opts = {k: v for k, v in stage.items() if k not in ("stage", "artifacts", "budget", "rounds")}
+        rounds = stage.get("rounds", 1)
+        runtimes = [{"onnx": "onnxruntime", "openvino": "openvino", "ort": "onnxruntime"}.get(a["format"])
+                    or default_runtime_for(a["path"]) for a in self.result.artifacts]
+        measured: list[list[dict]] = [[] for _ in self.result.artifacts]
+        for r in range(rounds):
+            for i, (art, runtime) in enumerate(zip(self.result.artifacts, runtimes)):
+                log(f"[bold]profile[/] {Path(art['path']).name} on {runtime}"
+                    + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
+                measured[i].append(profile_artifact(art["path"], runtime=runtime, **opts))
         done, failed = [], []
-        for art in self.result.artifacts:
-            runtime = {"onnx": "onnxruntime", "openvino": "openvino", "ort": "onnxruntime"}.get(art["format"]) \
-                or default_runtime_for(art["path"])
-            log(f"[bold]profile[/] {Path(art['path']).name} on {runtime}")
-            prof = profile_artifact(art["path"], runtime=runtime, **opts)
+        for art, profs in zip(self.result.artifacts, measured):
+            prof = profs[0]
+            if rounds > 1:
+                p50 = lambda p: (p.get("latency_ms") or {}).get("p50", math.inf)  # noqa: E731
+                prof = {**sorted(profs, key=p50)[(rounds - 1) // 2], "rounds_p50_ms": [p50(p) for p in profs]}
             prof_path = Path(art["path"]).with_name(Path(art["path"]).name + ".profile.json")
             with atomic_path(prof_path) as tmp:
                 tmp.write_text(json.dumps(prof, indent=2))

@@ -90,6 +90,13 @@ def test_recipe_with_unknown_stage(tmp_path):
     assert_user_error(run_cli("run", r, "-o", tmp_path / "out"), "unknown stage 'distill'")
 
 
+def test_recipe_with_bad_profile_rounds(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text(f"model: {RESNET20}\narch: resnet20\nstages:\n  - stage: export\n  - stage: profile\n    rounds: 0\n")
+    assert_user_error(run_cli("run", r, "-o", tmp_path / "out"), "rounds must be a positive integer")
+    assert not (tmp_path / "out").exists() or no_files(tmp_path / "out")
+
+
 @pytest.mark.parametrize("verb", ["info", "eval", "prune", "quantize", "lowrank", "export", "profile", "run"])
 def test_every_verb_has_help(verb):
     proc = run_cli(verb, "--help")

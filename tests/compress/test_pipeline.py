@@ -23,7 +23,7 @@ def recipe_run(tmp_path_factory):
             {"stage": "prune", "method": "l1", "ratio": 0.25, "bn_recalibration": 256},
             {"stage": "quantize", "method": "minmax", "bits": "w8a8", "calib_size": 128},
             {"stage": "export", "formats": ["onnx"], "variants": ["original", "quantized"]},
-            {"stage": "profile", "threads": 1, "warmup": 5, "iterations": 30},
+            {"stage": "profile", "threads": 1, "warmup": 5, "iterations": 30, "rounds": 3},
         ],
     }
     path = tmp / "recipe.yaml"
@@ -44,7 +44,10 @@ def test_manifest_records_the_run(recipe_run):
         assert sha256_file(art["path"]) == art["sha256"]
         assert art["parity"]["top1_agreement"] >= 0.95
     for prof in manifest["profiles"]:
-        assert load_profile(prof["path"])["latency_ms"]["n"] == 30
+        p = load_profile(prof["path"])
+        assert p["latency_ms"]["n"] == 30
+        # rounds: 3 fresh processes per artifact; the kept profile is the median round
+        assert len(p["rounds_p50_ms"]) == 3 and p["latency_ms"]["p50"] == sorted(p["rounds_p50_ms"])[1]
     for name in ("pruned", "quantized"):
         v = manifest["variants"][name]
         assert sha256_file(v["path"]) == v["sha256"]
