@@ -82,6 +82,11 @@ class RunResult:
         return rows
 
 
+def _check_positive_int(value: Any, what: str, meaning: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{what} must be a positive integer{meaning}, got {value!r}")
+
+
 class Pipeline:
     def __init__(self, recipe: Recipe, out_dir: Path | None, write_manifest: bool = True,
                  manifest_name: str = "manifest.json"):
@@ -109,13 +114,10 @@ class Pipeline:
 
                 for f in s.get("formats", ["onnx"]):
                     EXPORTERS.get(f)
-                batch = s.get("batch")
-                if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-                    raise UserError(f"export: batch must be a positive integer (a fixed batch size), got {batch!r}")
+                if s.get("batch") is not None:
+                    _check_positive_int(s["batch"], "export: batch", " (a fixed batch size)")
             elif s["stage"] == "profile":
-                rounds = s.get("rounds", 1)
-                if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-                    raise UserError(f"profile: rounds must be a positive integer, got {rounds!r}")
+                _check_positive_int(s.get("rounds", 1), "profile: rounds")
                 if s.get("budget"):
                     from compress.gates import parse_budget
 

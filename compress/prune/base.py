@@ -1,26 +1,17 @@
-"""What every importance-based pruning method shares: its config fields and the score -> remove -> recover flow.
+"""What every pruning method shares: its config fields (budgets, recovery fine-tuning, channel grid).
 
-A method only says how important each output channel is (`importance`); the engine removes channels,
-`compress.finetune` recovers accuracy (distilling from the unpruned model by default), and the result is
-recorded in the model's history. Pruning records no structure edit: the smaller tensors reload by themselves.
+The score -> keep sets -> remove -> recover flow is compress.prune.targets.TargetedPruneMethod: a method says how
+important each output channel is, the engine removes channels, `compress.finetune` recovers accuracy (distilling
+from the unpruned model by default), and the result is recorded in the model's history. Pruning records no
+structure edit: the smaller tensors reload by themselves.
 """
 from __future__ import annotations
 
-import copy
-import time
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
-
-import torch
-import torch.nn as nn
+from dataclasses import dataclass
+from typing import ClassVar
 
 from compress.errors import UserError
-from compress.finetune import finetune, recalibrate_bn
-from compress.io import LoadedModel
-from compress.metrics import count_flops, count_params
-from compress.progress import log, status
-from compress.prune.engine import find_ratio, prune_channels
-from compress.stages import Context, Method, MethodConfig, option
+from compress.stages import Method, MethodConfig, option
 
 
 @dataclass
@@ -70,42 +61,8 @@ class PruneConfig(MethodConfig):
 
 
 class ImportancePruneMethod(Method):
-    """Base of the score-based methods: subclasses implement `importance` (and may extend PruneConfig)."""
+    """Base of the pruning methods: the family and its shared config (the flow is compress.prune.targets'
+    TargetedPruneMethod, which every registered method extends)."""
 
     family: ClassVar[str] = "prune"
     Config: ClassVar[type] = PruneConfig
-
-    def importance(self, model: nn.Module, cfg: Any, ctx: Context) -> dict[str, torch.Tensor]:
-        """Layer name -> 1-D scores over its output channels (higher = keep)."""
-        raise NotImplementedError
-
-    def apply(self, lm: LoadedModel, cfg: PruneConfig, ctx: Context) -> LoadedModel:
-        """Prunes lm.model in place (the pipeline hands each stage a clone) and returns it as a new variant."""
-        lm.require_compressible(f"prune {self.name}")
-        model, shape = lm.model.eval(), lm.spec.shape
-        example = lm.spec.example(1, ctx.seed)
-        before = {"params": count_params(model), "flops": count_flops(model, shape)}
-        teacher = copy.deepcopy(model) if cfg.finetune_epochs and cfg.distill else None
-        t0 = time.perf_counter()
-        with status(f"scoring channels ({self.name})"):
-            scores = self.importance(model, cfg, ctx)
-        ratio = cfg.ratio
-        if cfg.flops_target is not None:
-            with status(f"searching the ratio for {cfg.flops_target:g} of the FLOPs"):
-                ratio = find_ratio(model, example, scores, cfg.flops_target, cfg.round_to)
-        prune_channels(model, example, scores, ratio=ratio, round_to=cfg.round_to)
-        bn_done = recalibrate_bn(model, ctx, cfg.bn_recalibration) if cfg.bn_recalibration else False
-        after = {"params": count_params(model), "flops": count_flops(model, shape)}
-        log(f"pruned {self.name}: ratio {ratio:.3f}, FLOPs {before['flops'] / 1e6:.1f}M -> {after['flops'] / 1e6:.1f}M, "
-            f"params {before['params'] / 1e3:.0f}k -> {after['params'] / 1e3:.0f}k")
-        entry: dict[str, Any] = {"stage": "prune", "method": self.name, "config": asdict(cfg), "ratio": round(ratio, 4),
-                                 "params_before": before["params"], "params_after": after["params"],
-                                 "flops_before": before["flops"], "flops_after": after["flops"],
-                                 "bn_recalibrated": bn_done, "seconds_prune": round(time.perf_counter() - t0, 2)}
-        if cfg.finetune_epochs:
-            epochs: list[dict] = []
-            finetune(model, ctx, cfg.finetune_epochs, cfg.lr, cfg.batch_size, teacher=teacher,
-                     distill=cfg.distill, temperature=cfg.distill_temperature, alpha=cfg.distill_alpha, log=epochs)
-            entry["finetune"] = epochs
-        return LoadedModel(model.eval(), lm.spec, "compress", lm.source, lm.arch, dict(lm.arch_kwargs),
-                           list(lm.edits), [*lm.history, entry])

@@ -57,8 +57,9 @@ from compress.progress import log, track
 from compress.prune import METHODS
 from compress.prune.graph import conv_sites
 from compress.prune.polarization import _histogram, _task_loss, importance_scores
-from compress.prune.targets import (TargetConfig, TargetedPruneMethod, WidthModel, _plan_latency, aligned_keep,
-                                    calibration_batches, greedy_keep, group_importance, latency_flops_budget)
+from compress.prune.targets import (TargetConfig, TargetedPruneMethod, WidthModel, _plan_latency,
+                                    calibration_batches, greedy_keep, group_importance, latency_flops_budget,
+                                    snap_to_grid)
 from compress.stages import Context, option
 from compress.structure import EDITS
 
@@ -479,11 +480,7 @@ class FTWT(TargetedPruneMethod):
                     keep[g] = kept
             info["allocation"] = f"channels firing on at least {cfg.freq_threshold:g} of the inputs"
         if cfg.round_to and not cfg.by_latency:  # widths on the runtime's channel grid
-            base = wm.flops(wm.full)
-            frac = lambda w: wm.flops(w) / base  # noqa: E731
-            keep = aligned_keep(wm, freq, keep, cfg.round_to, frac, cfg.flops_target)
-            info["aligned_to"] = cfg.round_to
-            info["aligned_flops_fraction"] = round(frac(wm.widths_of(keep)), 4)
+            keep = snap_to_grid(wm, freq, keep, cfg, info)
         below = sum(int((freq[g][v] < cfg.freq_threshold).sum()) for g, v in keep.items())
         info["kept_below_threshold"] = below
         return keep

@@ -63,8 +63,9 @@ from compress.finetune import kd_loss
 from compress.progress import log, track
 from compress.prune import METHODS
 from compress.prune.graph import conv_sites, trace
-from compress.prune.targets import (TargetConfig, TargetedPruneMethod, WidthModel, _plan_latency, aligned_keep,
-                                    calibration_batches, greedy_fill, greedy_keep, latency_flops_budget)
+from compress.prune.targets import (TargetConfig, TargetedPruneMethod, WidthModel, _plan_latency,
+                                    calibration_batches, greedy_fill, greedy_keep, latency_flops_budget,
+                                    snap_to_grid)
 from compress.stages import Context, option
 from compress.zoo.resnet_cifar import ShortcutA
 
@@ -350,10 +351,7 @@ class Polarization(TargetedPruneMethod):
                 log(f"polarization: the consensus keeps {consensus_flops:.3f} of the FLOPs; {info['adjusted']} "
                     f"({cfg.flops_target:g})")
         if cfg.round_to:  # widths on the runtime's channel grid (free widths cost like the next block up)
-            frac = lambda w: wm.flops(w) / wm.flops(wm.full)  # noqa: E731
-            keep = aligned_keep(wm, importance, keep, cfg.round_to, frac, cfg.flops_target)
-            info["aligned_to"] = cfg.round_to
-            info["aligned_flops_fraction"] = round(frac(wm.widths_of(keep)), 4)
+            keep = snap_to_grid(wm, importance, keep, cfg, info)
         return keep
 
 

@@ -59,6 +59,7 @@ from compress.stages import Context, option
 
 MIN_KEEP_FRACTION = 0.2          # the greedy allocator never thins a group below this
 GRID_POINTS = 8  # the latency table measures at most this many widths per layer dimension
+LATENCY_TOLERANCE = 1.02  # a trial measuring within this factor of the latency target meets it
 RECHECK_MARGIN = 1.15  # a trial measuring up to this factor over the latency target is measured once more
 
 
@@ -367,6 +368,18 @@ def aligned_keep(wm: WidthModel, importance: Mapping[str, torch.Tensor], keep: M
     return greedy_fill(wm, importance, cost, target, snapped, step)
 
 
+def snap_to_grid(wm: WidthModel, importance: Mapping[str, torch.Tensor], keep: Mapping[str, list[int]],
+                 cfg: PruneConfig, info: dict) -> dict[str, list[int]]:
+    """aligned_keep at cfg.round_to for a gate method's learned allocation, meeting cfg.flops_target (if any) in
+    whole steps; records the grid and the resulting FLOPs fraction in info."""
+    base = wm.flops(wm.full)
+    frac = lambda w: wm.flops(w) / base  # noqa: E731
+    keep = aligned_keep(wm, importance, keep, cfg.round_to, frac, cfg.flops_target)
+    info["aligned_to"] = cfg.round_to
+    info["aligned_flops_fraction"] = round(frac(wm.widths_of(keep)), 4)
+    return keep
+
+
 # ---- latency table ----------------------------------------------------------------------------------------
 
 def _cache_dir() -> Path:
@@ -589,7 +602,7 @@ def _plan_latency(model, spec, example, scores, cfg, normalize, combine, start):
                            strict=False)
         trial = prune_to_keep(copy.deepcopy(model), example, keep)
         measured = measure_model_ms(trial, spec, cfg.latency_threads)
-        if target * 1.02 < measured <= target * RECHECK_MARGIN:
+        if target * LATENCY_TOLERANCE < measured <= target * RECHECK_MARGIN:
             # a near miss may be another process's noise (noise only adds time): confirm it before thinning further
             measured = min(measured, measure_model_ms(trial, spec, cfg.latency_threads))
         predicted = lat(wm.widths_of(keep))
@@ -599,7 +612,7 @@ def _plan_latency(model, spec, example, scores, cfg, normalize, combine, start):
                        "measured_ms": round(measured, 4), "at_floor": at_floor,
                        "flops_fraction": round(wm.flops(wm.widths_of(keep)) / wm.flops(wm.full), 4)})
         log(f"latency round {r + 1}: predicted {predicted:.3f} ms, measured {measured:.3f} ms (target {target:.3f} ms)")
-        if measured <= target * 1.02:
+        if measured <= target * LATENCY_TOLERANCE:
             break
         if at_floor:
             raise UserError(f"latency target {target:.3f} ms is out of reach with widths in steps of {step} "
@@ -607,7 +620,7 @@ def _plan_latency(model, spec, example, scores, cfg, normalize, combine, start):
                             f"{measured:.3f} ms; try a smaller --round-to or a larger target")
         goal = min(goal, predicted) * target / measured  # the model under-predicted: aim lower
     # the least-thinned allocation that measured within the target (else the last, thinnest one)
-    ok = [i for i, rd in enumerate(rounds) if rd["measured_ms"] <= target * 1.02]
+    ok = [i for i, rd in enumerate(rounds) if rd["measured_ms"] <= target * LATENCY_TOLERANCE]
     best = max(ok, key=lambda i: rounds[i]["measured_ms"]) if ok else len(rounds) - 1
     keep = keeps[best]
     info = {"allocation": "greedy by importance share per predicted ms", "round_to": step,
@@ -616,7 +629,7 @@ def _plan_latency(model, spec, example, scores, cfg, normalize, combine, start):
             "latency_table": str(table.path), "latency_model": {"a": lat.a, "b": lat.b, "calibration": lat.calibration},
             "rounds": rounds, "latency_measured_ms": rounds[best]["measured_ms"],
             "widths": {g: len(v) for g, v in keep.items()}}
-    if rounds[best]["measured_ms"] > target * 1.02:
+    if rounds[best]["measured_ms"] > target * LATENCY_TOLERANCE:
         log(f"[yellow]latency target {target:.3f} ms not met: measured {rounds[best]['measured_ms']:.3f} ms[/]")
     return keep, info
 
@@ -672,9 +685,6 @@ class TargetedPruneMethod(ImportancePruneMethod):
 
     def score(self, model: nn.Module, cfg: Any, ctx: Context, info: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
-
-    def importance(self, model: nn.Module, cfg: Any, ctx: Context) -> dict[str, torch.Tensor]:
-        return self.score(model, cfg, ctx, {})
 
     def plan(self, model: nn.Module, spec: InputSpec, example: torch.Tensor, scores: dict, cfg: Any,
              ctx: Context, info: dict) -> dict[str, list[int]]:

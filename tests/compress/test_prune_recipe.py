@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import compress.prune.base as prune_base
 import compress.prune.targets as targets
 from compress.errors import UserError
 from compress.io import LoadedModel
@@ -29,7 +28,6 @@ def test_distill_options_validate_and_reach_finetune(monkeypatch):
         return model.eval()
 
     monkeypatch.setattr(targets, "finetune", fake_finetune)
-    monkeypatch.setattr(prune_base, "finetune", fake_finetune)
     method = METHODS.get("l1")
     cfg = build_config(method, {"flops_target": 0.6, "finetune_epochs": 2, "distill_alpha": 0.3,
                                 "distill_temperature": 2.0, "bn_recalibration": 0})
