@@ -74,3 +74,36 @@ def test_gate_methods_respect_round_to(method):
     h = out.history[-1]
     assert h["aligned_to"] == 4 and h["flops_after"] <= 0.6 * h["flops_before"] + 1
     assert all(c.out_channels % 4 == 0 for c in out.model.modules() if isinstance(c, nn.Conv2d))
+
+
+def test_polarization_latency_plan_thins_from_full_widths_least_open_first(monkeypatch):
+    """With a latency / speed-up budget, polarization hands the latency allocator its open frequencies and the full
+    widths, not the consensus as a starting point: starting from the consensus kept its free widths (5 of 8, 9 of
+    12 ...) in every group the allocator did not touch, and could not give back what the gates over-pruned.
+    Closed channels (q < 0.5) must rank below every open one, so the allocator removes them first."""
+    import compress.prune.polarization as pol
+
+    model = _small_vgg()
+    example = _spec().example(1)
+    wm = WidthModel(model, example)
+    q = {}  # free-width consensus sets: k channels of each group open, k not a multiple of the grid
+    for g, full in wm.full.items():
+        k = full - 3 if full > 8 else 5
+        q[g] = torch.tensor([0.9 - 0.01 * i if i < k else 0.1 + 0.01 * i for i in range(full)])
+    seen = {}
+
+    def fake_plan(model, spec, example, scores, cfg, normalize, combine, start):
+        seen.update(start=start, scores=scores)
+        return {}, {"rounds": []}
+
+    monkeypatch.setattr(pol, "_plan_latency", fake_plan)
+    cfg = build_config(METHODS.get("polarization"), {"latency_target": 1.0, "round_to": 4})
+    info = {"_wm": wm, "_pbar": {g: v.clone() for g, v in q.items()}}
+    scores = {m: q[g] for g in q for m in wm.groups[g].members}
+    METHODS.get("polarization").plan(model, _spec(), example, scores, cfg, None, info)
+    assert not seen["start"]
+    assert info["consensus_flops_fraction"] < 1
+    for g, v in q.items():
+        s = seen["scores"][wm.groups[g].members[0]]
+        assert float(s[v < 0.5].max()) < float(s[v > 0.5].min())  # every closed channel below every open one
+        assert torch.equal(torch.argsort(s), torch.argsort(v))  # the gates' own order, nothing re-ranked
