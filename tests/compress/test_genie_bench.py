@@ -62,3 +62,73 @@ def test_merge_replaces_seed_rows_by_key_and_keeps_the_main_rows(bench, tmp_path
     assert merged["reruns"][-1]["seed_rows"] == 3
     md = (tmp_path / "quantization.md").read_text()
     assert "## Seeds" in md and "mean of 2 Genie-M seeds" in md and "all images of the JPEG" in md
+
+
+# --- real-clean: Genie-D against real lossless training images, beside the JPEG real-data comparison ---------------
+CLEAN = [_row("genie", "w4a4", "real-clean", 90.5, 79.2)]
+CLEAN_SEEDS = [_row("genie", "w4a4", "real-clean", 90.9, 78.6, seed=1)]
+
+
+def test_genie_vs_real_clean_is_checked_beside_genie_vs_jpeg_real(bench):
+    single = {(g["dataset"], g["goal"]): g for g in bench.goals(ROWS + CLEAN, "")}
+    jpeg = single[("jpeg10000", "genie data within 1 pt of real data, W4A4")]
+    clean = single[("jpeg10000", "genie data within 1 pt of real-clean data (lossless training images), W4A4")]
+    assert jpeg["bound"] == pytest.approx(79.2) and not jpeg["met"]  # the JPEG comparison is kept as it was
+    assert clean["value"] == pytest.approx(79.0) and clean["bound"] == pytest.approx(78.2) and clean["met"]
+    # no real-clean row: no real-clean goal (nothing to compare with)
+    assert not any("real-clean" in k[1] for k in {(g["dataset"], g["goal"]) for g in bench.goals(ROWS, "")})
+    means = {(g["dataset"], g["goal"]): g for g in bench.seed_goals(ROWS + CLEAN, SEEDS + CLEAN_SEEDS)}
+    m = means[("jpeg10000", "genie data within 1 pt of real-clean data (lossless training images), W4A4: "
+                            "mean of 2 Genie-M seeds")]
+    assert m["value"] == pytest.approx(79.3) and m["bound"] == pytest.approx(77.9) and m["met"]
+    assert ("jpeg10000", "genie data within 1 pt of real data, W4A4: mean of 2 Genie-M seeds") in means
+    # seed means are compared only over the same seeds: none without real-clean seeds, none over other seeds
+    for other in ([], [dict(CLEAN_SEEDS[0], seed=2)]):
+        assert not any("real-clean" in g["goal"] for g in bench.seed_goals(ROWS + CLEAN, SEEDS + other))
+
+
+@pytest.fixture(scope="module")
+def small_bench(bench, tmp_path_factory):
+    """A Bench on ResNet-20 with 8 calibration images per source; Genie-D images come from a stand-in cache file."""
+    import torch
+
+    cache = tmp_path_factory.mktemp("synth")
+    preset = dict(bench.PRESETS["smoke"], samples=8, jpeg_n=16)
+    torch.save({"x": torch.zeros(8, 3, 32, 32), "seconds": 0.0, "loadavg": [],
+                "summary": {"config": {}, "batches": [{"first": {"loss": 1.0}, "last": {"loss": 0.5}}]}},
+               cache / f"resnet20_genie_n8_it{preset['distill_iters']}_w{preset['gen_width']}_s0.pt")
+    b = bench.Bench("resnet20", preset, cache, False, ("seeds",), cache, (1,), ("w4a4",))
+    return b, b.calibration()
+
+
+def test_real_clean_is_the_lossless_training_set_and_real_stays_jpeg(bench, small_bench):
+    from compress.data import load_dataset
+    from tests.conftest import ASSETS, CALIB1000
+
+    b, calib = small_bench
+    assert list(calib) == list(bench.SOURCES)
+    clean = load_dataset(f"cifar10:{ASSETS / 'data' / 'cifar10_train_lossless4660.npz'}").subset(8, 0)
+    jpeg = load_dataset(f"cifar10:{CALIB1000}").subset(8, 0)
+    assert calib["real-clean"][0].equal(b.norm(clean.images))
+    assert calib["real"][0].equal(b.norm(jpeg.images))
+    assert "lossless4660" in calib["real-clean"][1]["source"] and "jpeg" in calib["real"][1]["source"]
+
+
+@pytest.mark.parametrize("sources,expect", [(None, ["genie", "real"]), (("real-clean",), ["real-clean"])])
+def test_seeds_run_the_chosen_sources_on_their_own_images(bench, small_bench, monkeypatch, sources, expect):
+    import compress.quantize.genie as genie
+
+    b, calib = small_bench
+    seen = []
+
+    def fake_quantize(model, images, cfg, seed, spec):
+        seen.append((next(k for k, (x, _) in calib.items() if x is images), seed, cfg.bits))
+        return model, {}
+
+    monkeypatch.setattr(genie, "genie_quantize", fake_quantize)
+    monkeypatch.setattr(b, "accuracy", lambda model: {"lossless846": 1.0})
+    monkeypatch.setattr(b, "seed_rows", [])
+    monkeypatch.setattr(b, "sources", sources)
+    b.run_seeds(calib)
+    assert seen == [(s, 1, "w4a4") for s in expect]
+    assert [r["calib"] for r in b.seed_rows] == expect
