@@ -28,6 +28,16 @@ TRAIN20K = ASSETS / "data" / "cifar10_train20k_jpeg.npz"
 CALIB1000 = ASSETS / "data" / "cifar10_calib1000_jpeg.npz"
 
 
+def load_benchmark(filename: str):
+    """A benchmark script under benchmarks/ imported as a module (its bookkeeping is tested without model runs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(filename).stem}", ROOT / "benchmarks" / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """The real console entry point in a subprocess: exit codes and stderr exactly as a user sees them."""
     env = {**os.environ, "COMPRESS_NO_PROGRESS": "1"}

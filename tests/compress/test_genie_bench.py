@@ -2,21 +2,16 @@
 table, and --merge of seed rows. Runs in about a second."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("quantization_bench", ROOT / "benchmarks" / "quantization.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tests.conftest import load_benchmark
+
+    return load_benchmark("quantization.py")
 
 
 def _row(method, bits, calib, lossless, jpeg, **extra):

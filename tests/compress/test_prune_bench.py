@@ -1,20 +1,16 @@
 """benchmarks/pruning.py: the paired, interleaved latency rounds behind a row's speed-up (--latency-rounds)."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_pruning", ROOT / "benchmarks" / "pruning.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from tests.conftest import load_benchmark
+
+    return load_benchmark("pruning.py")
 
 
 def test_paired_speedup_interleaves_and_takes_each_sides_median(bench, monkeypatch, tmp_path):
