@@ -114,16 +114,11 @@ def paired_speedup(dense_onnx: Path, row_onnx: Path, rounds: int, iterations: in
     dense p50 taken once at the start of the run and a row p50 taken minutes later (the single pair of readings
     that made speed-ups swing +-10-15% between runs). The single-reading values stay in the row
     (p50_single_ms, speedup_single)."""
-    from devices import profile_artifact
+    from devices import profile_interleaved
 
-    def p50(path: Path) -> float:
-        prof = profile_artifact(str(path), runtime="onnxruntime", threads=1, warmup=30, iterations=iterations)
-        return float(prof["latency_ms"]["p50"])
-
-    dense_ms, row_ms = [], []
-    for _ in range(rounds):
-        dense_ms.append(p50(dense_onnx))
-        row_ms.append(p50(row_onnx))
+    profiles = profile_interleaved([(str(dense_onnx), "onnxruntime"), (str(row_onnx), "onnxruntime")], rounds,
+                                   threads=1, warmup=30, iterations=iterations)
+    dense_ms, row_ms = ([float(p["latency_ms"]["p50"]) for p in side] for side in profiles)
     return {"latency_rounds": rounds, "dense_p50_rounds_ms": [round(v, 4) for v in dense_ms],
             "p50_rounds_ms": [round(v, 4) for v in row_ms], "dense_p50_paired_ms": round(float(np.median(dense_ms)), 4)}
 

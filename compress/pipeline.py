@@ -220,7 +220,7 @@ class Pipeline:
         slow, and interleaving spreads drift over all artifacts alike. Every round's p50 is recorded.
         """
         from compress import gates
-        from devices import profile_artifact
+        from devices import profile_interleaved
         from runtimes import default_runtime_for
 
         if not self.result.artifacts:
@@ -232,12 +232,11 @@ class Pipeline:
         rounds = stage.get("rounds", 1)
         runtimes = [{"onnx": "onnxruntime", "openvino": "openvino", "ort": "onnxruntime"}.get(a["format"])
                     or default_runtime_for(a["path"]) for a in self.result.artifacts]
-        measured: list[list[dict]] = [[] for _ in self.result.artifacts]
-        for r in range(rounds):
-            for i, (art, runtime) in enumerate(zip(self.result.artifacts, runtimes)):
-                log(f"[bold]profile[/] {Path(art['path']).name} on {runtime}"
-                    + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
-                measured[i].append(profile_artifact(art["path"], runtime=runtime, **opts))
+        arts = self.result.artifacts
+        measured = profile_interleaved(
+            [(a["path"], rt) for a, rt in zip(arts, runtimes)], rounds,
+            announce=lambda i, r: log(f"[bold]profile[/] {Path(arts[i]['path']).name} on {runtimes[i]}"
+                                      + (f" (round {r + 1}/{rounds})" if rounds > 1 else "")), **opts)
         done, failed = [], []
         for art, profs in zip(self.result.artifacts, measured):
             prof = profs[0]

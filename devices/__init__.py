@@ -18,6 +18,7 @@ that are not ProfileOptions fields go to the device. Nothing here compresses or 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from urllib.parse import parse_qsl
 
@@ -82,5 +83,19 @@ def profile_artifact(artifact: str, runtime: str | None = None, device: str = "l
     return get_device(device, **device_opts).run_profile(artifact, runtime, profile_opts)
 
 
+def profile_interleaved(artifacts: Sequence[tuple[str, str | None]], rounds: int,
+                        announce: Callable[[int, int], None] | None = None, **options) -> list[list[dict]]:
+    """Profile each (artifact, runtime) `rounds` times, interleaved (round 1 of every artifact, then round 2 ...),
+    each run in a fresh process: load drift on a shared machine then hits every artifact alike. Returns each
+    artifact's profiles in round order; announce(artifact index, round index) is called before each run."""
+    out: list[list[dict]] = [[] for _ in artifacts]
+    for r in range(rounds):
+        for i, (artifact, runtime) in enumerate(artifacts):
+            if announce:
+                announce(i, r)
+            out[i].append(profile_artifact(artifact, runtime=runtime, **options))
+    return out
+
+
 __all__ = ["DEVICES", "AdbDevice", "CudaDevice", "Device", "EstimateDevice", "LocalDevice", "ProfileOptions",
-           "SSHDevice", "device_kind", "get_device", "profile_artifact", "split_options"]
+           "SSHDevice", "device_kind", "get_device", "profile_artifact", "profile_interleaved", "split_options"]
