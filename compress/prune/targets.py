@@ -10,7 +10,8 @@
    runtime + version, threads, CPU model and layer shape, so a second run measures nothing new.
 2. Calibration: the whole model is exported at three uniform widths and timed; latency ~= a + b * (sum of the
    per-layer table entries) is fitted, which absorbs what single layers miss (BN folding, adds, shortcuts). The
-   dense model is timed twice and the faster reading kept: it anchors the fit and a speed-up target (dense / S).
+   dense model is timed twice, first and last, and the faster reading kept: it anchors the fit and a speed-up
+   target (dense / S).
 3. Allocation: channels are removed greedily, one grid step of one group at a time (down to the next measured
    width, so allocations land on grid widths: the grid step is `round_to`, by default 8; `--round-to 16` forces
    the AVX-512 block, see `latency_step` for why that is not the default), always the step with the least
@@ -539,11 +540,15 @@ class LatencyModel:
             trial = prune_to_keep(copy.deepcopy(model), example, keep) if keep else model
             widths = self.wm.widths_of(keep)
             ms = measure_model_ms(trial, spec, threads)
-            if f >= 1:  # the dense reading anchors the fit and a speed-up target: a second reading guards it
-                ms = min(ms, measure_model_ms(trial, spec, threads))  # against another process's noise (only adds)
             xs.append(self.layer_sum(widths))
             ys.append(ms)
             self.calibration.append({"width_fraction": f, "layer_sum_ms": round(xs[-1], 4), "measured_ms": round(ms, 4)})
+        for i, f in enumerate(fractions):
+            # the dense reading anchors the fit and a speed-up target: it is taken once more, after the others (so
+            # that one slow spell of another process does not hit both), and the faster reading kept (noise only adds)
+            if f >= 1:
+                ys[i] = min(ys[i], measure_model_ms(model, spec, threads))
+                self.calibration[i]["measured_ms"] = round(ys[i], 4)
         b, a = np.polyfit(xs, ys, 1)
         if b <= 0:  # noise swamped the trend: trust the table's proportions, anchor at the full model
             b, a = ys[0] / xs[0], 0.0

@@ -270,8 +270,8 @@ def test_speedup_target_is_relative_to_the_measured_dense_model(r20, monkeypatch
 
 def _plan_with_noisy_reading(r20, monkeypatch, noise: float, call: int):
     """_plan_latency for a 1.4x speed-up on a deterministic fake runtime (latency proportional to FLOPs plus a fixed
-    part) whose `call`-th reading is `noise` times too slow. Calls 1-4 calibrate (the dense model twice, then two
-    thinned models); call 5 is round 1's trial."""
+    part) whose `call`-th reading is `noise` times too slow. Calls 1-4 calibrate (the dense model, two thinned models,
+    the dense model again); call 5 is round 1's trial."""
     from compress.prune import targets
 
     model, spec = r20.model, r20.spec
@@ -288,7 +288,8 @@ def _plan_with_noisy_reading(r20, monkeypatch, noise: float, call: int):
     return targets._plan_latency(model, spec, spec.example(1), l1_scores(model), cfg, True, "mean", None)
 
 
-@pytest.mark.parametrize("call, noise", [(5, 1.10), (1, 1.3)], ids=["trial-near-miss", "dense-reading"])
+@pytest.mark.parametrize("call, noise", [(5, 1.10), (1, 1.3), (4, 1.3)],
+                         ids=["trial-near-miss", "dense-reading", "dense-second-reading"])
 def test_one_noisy_latency_reading_does_not_move_the_allocation(r20, monkeypatch, call, noise):
     """Another process's noise can make one latency reading too slow. A trial allocation that misses the target by
     a few % is measured again instead of thinning the model further; the dense model, which anchors the speed-up
