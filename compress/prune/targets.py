@@ -9,13 +9,15 @@
    channels costs the same, so the table is a step function and widths between grid points cost the next one up. The table is cached as JSON under $COMPRESS_CACHE or ~/.cache/compress, keyed by
    runtime + version, threads, CPU model and layer shape, so a second run measures nothing new.
 2. Calibration: the whole model is exported at three uniform widths and timed; latency ~= a + b * (sum of the
-   per-layer table entries) is fitted, which absorbs what single layers miss (BN folding, adds, shortcuts). The
-   dense model is timed twice, first and last, and the faster reading kept: it anchors the fit and a speed-up
-   target (dense / S).
+   per-layer table entries) is fitted, which absorbs what single layers miss (BN folding, adds, shortcuts). Each
+   of the three is timed twice, in two passes, and the faster reading kept; the dense reading anchors the fit and
+   a speed-up target (dense / S).
 3. Allocation: channels are removed greedily, one grid step of one group at a time (down to the next measured
    width, so allocations land on grid widths: the grid step is `round_to`, by default 8; `--round-to 16` forces
    the AVX-512 block, see `latency_step` for why that is not the default), always the step with the least
-   importance per predicted millisecond saved, until the predicted latency meets the target (a group keeps at least 20% of its width).
+   importance per predicted millisecond saved, until the predicted latency meets the target (a group keeps at least 20% of its width);
+   the last step is the one that meets the target losing the least importance, when that loses less than the
+   best-ratio step (which can overshoot with a big, important step where a small one would do).
    A channel's importance is its share of its group's total score (scores normalized per layer as the engine
    does, divided by the group width), summed over the group's member layers: a channel of a narrow layer weighs
    more than one of a wide layer, and a residual-stream channel (one filter in every block) more than one of a
@@ -249,7 +251,8 @@ def group_importance(wm: WidthModel, scores: Mapping[str, torch.Tensor], normali
 def greedy_keep(wm: WidthModel, importance: Mapping[str, torch.Tensor], cost: Callable[[Mapping[str, int]], float],
                 target: float, start: Mapping[str, list[int]] | None = None,
                 min_keep_fraction: float = MIN_KEEP_FRACTION,
-                next_width: Callable[[str, int], list[int]] | None = None, strict: bool = True) -> dict[str, list[int]]:
+                next_width: Callable[[str, int], list[int]] | None = None, strict: bool = True,
+                finish_cheapest: bool = False) -> dict[str, list[int]]:
     """Remove channels, least importance per unit of cost saved first, until cost <= target.
 
     start: keep sets to begin from (channels outside them count as already removed; they must be the lowest
@@ -271,7 +274,8 @@ def greedy_keep(wm: WidthModel, importance: Mapping[str, torch.Tensor], cost: Ca
     step_to = next_width or (lambda g, w: [w - 1])
     current = cost(widths)
     while current > target:
-        best, best_val, best_cost, best_w = None, math.inf, current, 0
+        best, best_val, best_cost, best_w, best_lost = None, math.inf, current, 0, math.inf
+        finish = None  # (lost, group, cost, width): the step that meets the target losing the least importance
         for g in order:
             w_old = widths[g]
             for w_new in step_to(g, w_old):  # every smaller width one step may go to (plateaus need look-ahead)
@@ -284,7 +288,13 @@ def greedy_keep(wm: WidthModel, importance: Mapping[str, torch.Tensor], cost: Ca
                 lost = sum(float(importance[g][i]) for i in order[g][removed[g]:removed[g] + w_old - w_new])
                 val = lost / saved if saved > 1e-12 else (math.inf if lost > 0 else -math.inf)
                 if best is None or val < best_val:
-                    best, best_val, best_cost, best_w = g, val, c, w_new
+                    best, best_val, best_cost, best_w, best_lost = g, val, c, w_new, lost
+                if finish_cheapest and c <= target and (finish is None or lost < finish[0]):
+                    finish = (lost, g, c, w_new)
+        if finish is not None and finish[0] <= best_lost:
+            # a last step costs its whole loss, not its loss per unit saved: the best ratio step can overshoot the
+            # target by a big, important step where a smaller one would do (any path through it loses more)
+            _, best, best_cost, best_w = finish
         if best is None or best_val == math.inf:
             if not strict:
                 break
@@ -531,24 +541,25 @@ class LatencyModel:
 
     def calibrate(self, model: nn.Module, example: torch.Tensor, spec: InputSpec, threads: int,
                   fractions: tuple[float, ...] = (1.0, 0.6, 0.35)) -> None:
-        """Fit (a, b) on the whole model thinned uniformly to grid-aligned widths (what allocations produce)."""
-        xs, ys = [], []
+        """Fit (a, b) on the whole model thinned uniformly to grid-aligned widths (what allocations produce).
+
+        Every model is timed twice, in two passes (dense, thinned ..., dense, thinned ...), and the faster reading
+        kept: noise only adds time, and one slow spell of another process would otherwise bend the fit (with single
+        thinned readings, a 1.6x ask on ResNet-20 once fitted a model that predicted even the thinnest allocation to
+        miss the target, and the allocator kept that one: -87% FLOPs, measured 2.7x). The dense reading also
+        anchors a speed-up target."""
+        xs, ys, trials = [], [], []
         for f in fractions:
             keep = {g: list(range(self.table.ceil_to(self.table.grid(c), max(1, round(c * f)))))
                     for g, c in self.wm.full.items()} if f < 1 else {}
             keep = {g: v for g, v in keep.items() if len(v) < self.wm.full[g]}
-            trial = prune_to_keep(copy.deepcopy(model), example, keep) if keep else model
-            widths = self.wm.widths_of(keep)
-            ms = measure_model_ms(trial, spec, threads)
-            xs.append(self.layer_sum(widths))
-            ys.append(ms)
-            self.calibration.append({"width_fraction": f, "layer_sum_ms": round(xs[-1], 4), "measured_ms": round(ms, 4)})
-        for i, f in enumerate(fractions):
-            # the dense reading anchors the fit and a speed-up target: it is taken once more, after the others (so
-            # that one slow spell of another process does not hit both), and the faster reading kept (noise only adds)
-            if f >= 1:
-                ys[i] = min(ys[i], measure_model_ms(model, spec, threads))
-                self.calibration[i]["measured_ms"] = round(ys[i], 4)
+            trials.append(prune_to_keep(copy.deepcopy(model), example, keep) if keep else model)
+            xs.append(self.layer_sum(self.wm.widths_of(keep)))
+        for trial in trials + trials:
+            ys.append(measure_model_ms(trial, spec, threads))
+        ys = [min(ys[i], ys[i + len(trials)]) for i in range(len(trials))]
+        self.calibration = [{"width_fraction": f, "layer_sum_ms": round(x, 4), "measured_ms": round(y, 4)}
+                            for f, x, y in zip(fractions, xs, ys)]
         b, a = np.polyfit(xs, ys, 1)
         if b <= 0:  # noise swamped the trend: trust the table's proportions, anchor at the full model
             b, a = ys[0] / xs[0], 0.0
@@ -607,7 +618,7 @@ def _plan_latency(model, spec, example, scores, cfg, normalize, combine, start):
     for r in range(3):
         # never strict: the model is a fit, so an allocation it predicts short of the goal may still measure in time
         keep = greedy_keep(wm, imp, lat, goal, start, next_width=lambda g, w: table.next_width(wm.full[g], w),
-                           strict=False)
+                           strict=False, finish_cheapest=True)
         trial = prune_to_keep(copy.deepcopy(model), example, keep)
         measured = measure_model_ms(trial, spec, cfg.latency_threads)
         if target * LATENCY_TOLERANCE < measured <= target * RECHECK_MARGIN:

@@ -215,6 +215,26 @@ def test_latency_grid_and_allocation_follow_round_to(r20, tmp_path):
     np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
 
 
+def test_greedy_last_step_takes_the_cheapest_step_that_meets_the_target():
+    """Least importance per unit of cost is the right order until one step remains: then a big, important step
+    with a good ratio overshoots where a small, unimportant one meets the target and loses less in total."""
+    from types import SimpleNamespace
+
+    from compress.prune.targets import greedy_keep
+
+    wm = SimpleNamespace(full={"wide": 4, "narrow": 4})
+    imp = {"wide": torch.tensor([1.0, 1.0, 1.0, 1.0]), "narrow": torch.tensor([0.3, 0.2, 0.25, 0.4])}
+
+    def cost(w):  # a wide channel saves 10, a narrow one 1; 44 at full widths
+        return 10.0 * w["wide"] + 1.0 * w["narrow"]
+
+    # best ratio: one wide channel (1 / 10 < 0.2 / 1), but one narrow channel already meets 43.5 and loses 0.2
+    assert greedy_keep(wm, imp, cost, 43.5, finish_cheapest=True) == {"narrow": [0, 2, 3]}
+    assert greedy_keep(wm, imp, cost, 43.5) == {"wide": [0, 1, 2]}
+    # when no single step meets the target, the ratio order goes on: the wide channel first
+    assert greedy_keep(wm, imp, cost, 33.5, finish_cheapest=True) == {"wide": [0, 1, 2], "narrow": [0, 2, 3]}
+
+
 def test_flops_target_with_round_to_keeps_multiples(r20):
     model, x = r20.model, r20.spec.example(1)
     flops = count_flops(model, SHAPE)
@@ -270,8 +290,8 @@ def test_speedup_target_is_relative_to_the_measured_dense_model(r20, monkeypatch
 
 def _plan_with_noisy_reading(r20, monkeypatch, noise: float, call: int):
     """_plan_latency for a 1.4x speed-up on a deterministic fake runtime (latency proportional to FLOPs plus a fixed
-    part) whose `call`-th reading is `noise` times too slow. Calls 1-4 calibrate (the dense model, two thinned models,
-    the dense model again); call 5 is round 1's trial."""
+    part) whose `call`-th reading is `noise` times too slow. Calls 1-6 calibrate (the dense model and two thinned
+    models, twice over); call 7 is round 1's trial."""
     from compress.prune import targets
 
     model, spec = r20.model, r20.spec
@@ -288,13 +308,14 @@ def _plan_with_noisy_reading(r20, monkeypatch, noise: float, call: int):
     return targets._plan_latency(model, spec, spec.example(1), l1_scores(model), cfg, True, "mean", None)
 
 
-@pytest.mark.parametrize("call, noise", [(5, 1.10), (1, 1.3), (4, 1.3)],
-                         ids=["trial-near-miss", "dense-reading", "dense-second-reading"])
+@pytest.mark.parametrize("call, noise", [(7, 1.08), (1, 1.3), (4, 1.3), (3, 1.5), (5, 1.5)],
+                         ids=["trial-near-miss", "dense-reading", "dense-second-reading", "thinned-reading",
+                              "thinned-second-reading"])
 def test_one_noisy_latency_reading_does_not_move_the_allocation(r20, monkeypatch, call, noise):
     """Another process's noise can make one latency reading too slow. A trial allocation that misses the target by
     a few % is measured again instead of thinning the model further; the dense model, which anchors the speed-up
-    target and the latency model, is always measured twice. Either way the faster reading is kept (noise only adds
-    time), so the allocation equals the one on a quiet machine."""
+    target and the latency model, and the thinned models that fit it are always measured twice. Either way the
+    faster reading is kept (noise only adds time), so the allocation equals the one on a quiet machine."""
     keep_quiet, info_quiet = _plan_with_noisy_reading(r20, monkeypatch, 1.0, call)
     keep_noisy, info_noisy = _plan_with_noisy_reading(r20, monkeypatch, noise, call)
     assert keep_noisy == keep_quiet
