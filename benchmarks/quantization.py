@@ -65,9 +65,10 @@ SEED_SOURCES = ("genie", "real")  # what --parts seeds runs unless --sources say
 # budgets: calibration images (each source), Genie-D iterations / generator width, reconstruction
 # iterations per unit (per bit-width), min-max and NNCF calibration images
 PRESETS = {
-    # bench: 256 images x 400 Genie-D iterations (the reference: 1024 x 4000; 4x the compute of fast's 128 x 200),
+    # bench: 256 images x 400 Genie-D iterations (the reference: 1024 x 4000; 4x the compute of fast's 128 x 200)
+    # with the reference generator width 128 (64 cost ResNet-32 W2A4 0.7 pt on the genie seed mean, see the notes),
     # the same 256 images for real and noise calibration; all 10000 JPEG test images (2000 left ~0.9 pt of noise)
-    "bench": dict(samples=256, distill_iters=400, gen_width=64, recon_iters={"w8a8": 60, "w4a8": 150, "w4a4": 150, "w2a4": 150},
+    "bench": dict(samples=256, distill_iters=400, gen_width=128, recon_iters={"w8a8": 60, "w4a8": 150, "w4a4": 150, "w2a4": 150},
                   minmax_calib=512, nncf_calib=300, jpeg_n=10000),
     "fast": dict(samples=128, distill_iters=200, gen_width=64, recon_iters={b: 200 for b in BITS},
                  minmax_calib=512, nncf_calib=300, jpeg_n=2000),
@@ -594,6 +595,8 @@ def markdown(result: dict) -> str:
         for r in result["reruns"]:
             seeded = f" + {r['seed_rows']} seed rows" if r.get("seed_rows") else ""
             only = f" (calib {', '.join(r['sources'])})" if r.get("sources") else ""
+            changed = {k: v for k, v in (r.get("budgets") or {}).items() if (result.get("budgets") or {}).get(k) != v}
+            only += "".join(f"; budget {k} {json.dumps(v)}" for k, v in changed.items())
             lines.append(f"| {r['created']} | {', '.join(r['models'])} | {', '.join(r['parts'])}{only} | {r['rows_replaced']}{seeded} | "
                          f"{r['exports_replaced']} | {r['seconds'] / 60:.1f} | {r['loadavg_start']} → {r['loadavg_end']} |")
         lines.append("")
