@@ -66,7 +66,7 @@ SEED_SOURCES = ("genie", "real")  # what --parts seeds runs unless --sources say
 # iterations per unit (per bit-width), min-max and NNCF calibration images
 PRESETS = {
     # bench: 256 images x 400 Genie-D iterations (the reference: 1024 x 4000; 4x the compute of fast's 128 x 200)
-    # with the reference generator width 128 (64 cost ResNet-32 W2A4 0.7 pt on the genie seed mean, see the notes),
+    # with the reference generator width 128 (64 scored the same over two synthesis draws, see the notes),
     # the same 256 images for real and noise calibration; all 10000 JPEG test images (2000 left ~0.9 pt of noise)
     "bench": dict(samples=256, distill_iters=400, gen_width=128, recon_iters={"w8a8": 60, "w4a8": 150, "w4a4": 150, "w2a4": 150},
                   minmax_calib=512, nncf_calib=300, jpeg_n=10000),
