@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from compress.errors import UserError
+from compress.exportable import exportable
 from compress.fileio import atomic_path
 from compress.io import InputSpec
 from exporters.base import Artifact, check_parity, parity_inputs
@@ -140,7 +141,7 @@ def _torch_to_onnx(model: nn.Module, spec: InputSpec, path: Path, opset: int) ->
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             # the TorchScript-based exporter: fast, and it lowers fake-quant ops to Q/DQ pairs
-            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset,
+            torch.onnx.export(exportable(model).eval(), (x,), str(path), dynamo=False, opset_version=opset,
                               input_names=[spec.name], output_names=[OUTPUT_NAME],
                               dynamic_axes=dynamic)
     except Exception as e:  # noqa: BLE001 - exporter failures come in many types; report the first line

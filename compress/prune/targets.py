@@ -53,6 +53,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from compress.errors import UserError
+from compress.exportable import exportable
 from compress.finetune import finetune, recalibrate_bn
 from compress.io import InputSpec, LoadedModel
 from compress.metrics import count_flops, count_params
@@ -416,7 +417,7 @@ def time_session(session, x: np.ndarray, min_iters: int = 30, min_seconds: float
 def _export(model: nn.Module, x: torch.Tensor, path: Path) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(exportable(model).eval(), (x,), str(path), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["out"])
 
 

@@ -132,10 +132,8 @@ class SelectConv(QuantConv2d):
 
     @classmethod
     def from_shortcut(cls, sc: ShortcutA) -> "SelectConv":
-        conv = nn.Conv2d(sc.in_channels, sc.out_channels, 1, sc.stride, bias=False)
-        weight = torch.zeros_like(conv.weight)
-        rows = torch.nonzero(sc.index < sc.in_channels).flatten()
-        weight[rows, sc.index[rows], 0, 0] = 1.0
+        conv = sc.export_form()
+        weight = conv.weight.detach().clone()
         wq = WeightQuantizer(8, per_channel=True, symmetric=True, channels=sc.out_channels)
         wq.init_minmax(weight)
         new = cls.from_float(conv, wq)
