@@ -169,6 +169,8 @@ class Pipeline:
         cfg = build_config(method, {k: v for k, v in stage.items() if k not in STAGE_KEYS})
         src = self.result.current
         src.lm.require_compressible(stage["stage"])
+        if hasattr(cfg, "check_model"):  # options that only make sense for some models: refuse before any work
+            cfg.check_model(src.lm)
         log(f"[bold]{stage['stage']}[/] {method.name} on {src.name}")
         lm = method.apply(_clone(src.lm), cfg, self.ctx)
         name = self._unique(stage.get("name") or DEFAULT_NAMES[stage["stage"]])

@@ -88,6 +88,7 @@ class FTWTConfig(TargetConfig):
                                        "static one: for parity checks, no speed-up")
 
     requires_target: ClassVar[bool] = False
+    takes_widths: ClassVar[bool] = False  # firing frequencies decide the widths
 
     def validate(self) -> None:
         super().validate()

@@ -86,6 +86,8 @@ class PolarizationConfig(TargetConfig):
     ramp: float = option(0.5, "fraction of the steps over which the budget ramps from 1 to its target")
     calib_images: int = option(2000, "images the open frequencies are measured on (--calib, else --data)")
 
+    takes_widths: ClassVar[bool] = False  # the gates learn the widths
+
 
 # ---- gates ------------------------------------------------------------------------------------------------
 

@@ -78,9 +78,15 @@ class TargetConfig(PruneConfig):
                                                 "runtime (e.g. 1.5: 1.5x faster); a latency_target that travels "
                                                 "between machines (the dense model is measured first)")
     latency_threads: int = option(1, "threads used when measuring latency for latency_target / speedup_target")
+    widths: dict | str | None = option(None, "keep exactly these per-group widths (the method's scores pick which "
+                                             "channels): a JSON file, either {group: width} or a manifest.json of "
+                                             "an earlier prune (its recorded kept_widths), or group=width,...: "
+                                             "re-applies an allocation found before, e.g. by a latency target, "
+                                             "without measuring again")
 
     requires_target: ClassVar[bool] = True  # score methods need one budget; gate methods may learn their own
-    BUDGETS: ClassVar[tuple[str, ...]] = ("ratio", "flops_target", "latency_target", "speedup_target")
+    takes_widths: ClassVar[bool] = True  # gate methods learn their widths: fixed widths are for score methods
+    BUDGETS: ClassVar[tuple[str, ...]] = ("ratio", "flops_target", "latency_target", "speedup_target", "widths")
 
     @property
     def by_latency(self) -> bool:
@@ -99,10 +105,58 @@ class TargetConfig(PruneConfig):
             raise UserError(f"speedup_target must be above 1 (1.5 = 1.5x faster), got {self.speedup_target}")
         if self.latency_threads < 1:
             raise UserError(f"latency_threads must be at least 1, got {self.latency_threads}")
+        if self.widths is not None:
+            if not self.takes_widths:
+                raise UserError("widths: fixed per-group widths are for the score methods (beta-rank, l1, hrank, "
+                                "random); this method learns its own widths")
+            self.widths = parse_widths(self.widths)
         # the remaining shared checks (lr, epochs, ratio range ...) are PruneConfig's
         probe = dataclasses.replace(self, ratio=self.ratio if self.ratio is not None else 0.5, flops_target=None) \
             if self.flops_target is None else self
         PruneConfig.validate(probe)
+
+    def check_model(self, lm: LoadedModel) -> None:
+        """Fixed widths must name this model's groups and fit in them."""
+        if self.widths is not None:
+            check_widths(WidthModel(lm.model.eval(), lm.spec.example(1)), self.widths)
+
+
+def parse_widths(spec: dict | str) -> dict[str, int]:
+    """{group: width} from a mapping, a JSON file ({group: width}, {"widths": {...}}, or a manifest.json whose
+    history records a prune's kept_widths), or "group=width,group=width"."""
+    if isinstance(spec, str) and "=" not in spec:
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"widths: no such file: {spec} (give a JSON file or group=width,...)")
+        try:
+            spec = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"widths: {path.name} is not a JSON file ({type(e).__name__})") from None
+        if isinstance(spec, dict) and "variants" in spec:  # a manifest: the prune entries' recorded widths
+            found = [h["kept_widths"] for v in (spec.get("variants") or {}).values() for h in (v.get("history") or [])
+                     if isinstance(h, dict) and h.get("stage") == "prune" and h.get("kept_widths")]
+            if len({json.dumps(f, sort_keys=True) for f in found}) != 1:
+                raise UserError(f"widths: {path.name} records {len(found)} different prune allocations; "
+                                f"give a {{group: width}} JSON file instead")
+            spec = found[0]
+        elif isinstance(spec, dict) and isinstance(spec.get("widths"), dict):
+            spec = spec["widths"]
+    elif isinstance(spec, str):
+        pairs = [item.partition("=") for item in spec.split(",") if item.strip()]
+        if any(not k.strip() or not sep for k, sep, _ in pairs):
+            raise UserError(f"widths: expected group=width,... or a JSON file, got {spec!r}")
+        spec = {k.strip(): v.strip() for k, _, v in pairs}
+    if not isinstance(spec, dict) or not spec:
+        raise UserError("widths: expected a non-empty {group: width} mapping")
+    out = {}
+    for g, w in spec.items():
+        try:
+            out[str(g)] = int(w)
+        except (TypeError, ValueError):
+            raise UserError(f"widths: {g}: expected a whole number of channels, got {w!r}") from None
+        if out[str(g)] < 1 or out[str(g)] != float(w):
+            raise UserError(f"widths: {g}: expected a whole number of channels (at least 1), got {w!r}")
+    return out
 
 
 # ---- the width model: which group sets each layer's in/out channels, and what that costs ------------------
@@ -578,6 +632,8 @@ def plan_budget(model: nn.Module, spec: InputSpec, example: torch.Tensor, scores
     allocated greedily (gate methods, whose scores are comparable across layers). Latency budgets are always greedy.
     """
     info: dict[str, Any] = {}
+    if cfg.widths is not None:
+        return _plan_widths(model, example, scores, cfg.widths)
     if cfg.by_latency:
         return _plan_latency(model, spec, example, scores, cfg, normalize, combine, start)
     if uniform or cfg.ratio is not None:
@@ -593,6 +649,33 @@ def plan_budget(model: nn.Module, spec: InputSpec, example: torch.Tensor, scores
     keep = greedy_keep(wm, imp, lambda w: wm.flops(w) / base, cfg.flops_target, start)
     info["allocation"] = "greedy by importance per FLOP"
     return keep, info
+
+
+def check_widths(wm: WidthModel, widths: Mapping[str, int]) -> None:
+    unknown = sorted(set(widths) - set(wm.full))
+    if unknown:
+        raise UserError(f"widths: no prunable group {', '.join(unknown[:3])} in this model; its groups: "
+                        f"{', '.join(f'{g} ({w})' for g, w in wm.full.items())}")
+    for g, w in widths.items():
+        if w > wm.full[g]:
+            raise UserError(f"widths: {g} has {wm.full[g]} channels, cannot keep {w}")
+
+
+def _plan_widths(model, example, scores, widths: Mapping[str, int]) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    """Keep sets with exactly `widths` per group, the highest-ranked channels of each (ranked as the latency
+    allocator ranks them, so a latency allocation's recorded widths give back the same channels)."""
+    wm = WidthModel(model, example)
+    check_widths(wm, widths)
+    imp = group_importance(wm, scores, "share", "sum")
+    keep: dict[str, list[int]] = {}
+    for g, w in widths.items():
+        if w == wm.full[g]:
+            continue
+        if g not in imp:
+            raise UserError(f"widths: this method gives no scores for group {g}, so it cannot choose its channels")
+        order = sorted(range(wm.full[g]), key=lambda i: (float(imp[g][i]), -i))  # ascending, as greedy_keep
+        keep[g] = sorted(order[wm.full[g] - w:])
+    return keep, {"allocation": "fixed widths", "widths": {g: int(w) for g, w in widths.items()}}
 
 
 def _plan_latency(model, spec, example, scores, cfg, normalize, combine, start):

@@ -321,3 +321,72 @@ def test_one_noisy_latency_reading_does_not_move_the_allocation(r20, monkeypatch
     assert keep_noisy == keep_quiet
     assert info_noisy["latency_target_ms"] == info_quiet["latency_target_ms"]
     assert [r["measured_ms"] for r in info_noisy["rounds"]] == [r["measured_ms"] for r in info_quiet["rounds"]]
+
+
+def test_widths_reproduce_a_greedy_allocation_channel_for_channel(r20):
+    """Fixed widths keep the channels the allocator would keep at those widths: a greedy (importance per cost)
+    allocation's recorded widths, given back as `widths`, rebuild the same keep sets and the same model."""
+    from compress.prune.targets import plan_budget
+
+    model, x = r20.model, r20.spec.example(1, 0)
+    scores = l1_scores(model)
+    greedy, _ = plan_budget(model, r20.spec, x, scores, build_config(METHODS.get("l1"), {"flops_target": 0.45}),
+                            uniform=False)
+    widths = {g: len(k) for g, k in greedy.items()}
+    assert len(set(widths.values())) > 2  # a non-uniform allocation
+    fixed, info = plan_budget(model, r20.spec, x, scores, build_config(METHODS.get("l1"), {"widths": widths}))
+    assert info["allocation"] == "fixed widths"
+    assert {g: k for g, k in fixed.items() if len(k) < 64} == {g: k for g, k in greedy.items() if k != list(range(64))}
+    a, b = prune_to_keep(copy.deepcopy(model), x, greedy), prune_to_keep(copy.deepcopy(model), x, fixed)
+    assert all(torch.equal(t, b.state_dict()[n]) for n, t in a.state_dict().items())
+
+
+def test_widths_spec_forms_and_errors(tmp_path):
+    import json
+
+    from compress.prune.targets import parse_widths
+
+    want = {"conv1": 8, "layer2.0.conv2": 16}
+    (tmp_path / "w.json").write_text(json.dumps(want))
+    (tmp_path / "nested.json").write_text(json.dumps({"widths": want, "note": "from a benchmark row"}))
+    manifest = {"variants": {"original": {"history": []},
+                             "pruned": {"history": [{"stage": "prune", "kept_widths": want}, {"stage": "quantize"}]}}}
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    for spec in (want, "conv1=8, layer2.0.conv2=16", str(tmp_path / "w.json"), str(tmp_path / "nested.json"),
+                 str(tmp_path / "m.json")):
+        assert parse_widths(spec) == want
+    manifest["variants"]["other"] = {"history": [{"stage": "prune", "kept_widths": {"conv1": 4}}]}
+    (tmp_path / "two.json").write_text(json.dumps(manifest))
+    (tmp_path / "bad.json").write_text("{not json")
+    for spec, says in (("conv1=0", "at least 1"), ("conv1=8.5", "whole number"), ("conv1", "no such file"),
+                       (str(tmp_path / "bad.json"), "not a JSON file"), (str(tmp_path / "two.json"), "2 different"),
+                       ("=8", "group=width"), ({}, "non-empty")):
+        with pytest.raises(UserError, match=says):
+            parse_widths(spec)
+
+
+def test_cli_widths_prune_and_replay_from_the_manifest(tmp_path):
+    """`--widths` through the CLI: exactly those widths, recorded; the manifest replays to the same model; bad
+    widths are one-line errors with exit 2 and no file; gate methods refuse fixed widths."""
+    from tests.conftest import RESNET20, run_cli
+
+    first = tmp_path / "a.pt"
+    r = run_cli("prune", RESNET20, "--arch", "resnet20", "-m", "l1", "--widths", "conv1=8,layer3.1.conv1=24", "-o", first)
+    assert r.returncode == 0, r.stderr
+    a = load_model(first)
+    h = a.history[-1]
+    assert h["allocation"] == "fixed widths" and h["kept_widths"] == {"conv1": 8, "layer3.1.conv1": 24}
+    assert a.model.conv1.out_channels == 8 and a.model.layer3[1].conv1.out_channels == 24
+    assert a.model.layer3[2].conv1.out_channels == 64
+    again = tmp_path / "b.pt"
+    r = run_cli("prune", RESNET20, "--arch", "resnet20", "-m", "l1", "--widths", tmp_path / "a.manifest.json", "-o", again)
+    assert r.returncode == 0, r.stderr
+    b = load_model(again).model.state_dict()
+    assert all(torch.equal(t, b[n]) for n, t in a.model.state_dict().items())
+    for args, says in ((["-m", "l1", "--widths", "conv1=32"], "cannot keep 32"),
+                       (["-m", "l1", "--widths", "layer9.conv1=8"], "no prunable group"),
+                       (["-m", "l1", "--widths", "conv1=8", "--ratio", "0.3"], "not ratio and widths"),
+                       (["-m", "polarization", "--widths", "conv1=8"], "learns its own widths")):
+        bad = run_cli("prune", RESNET20, "--arch", "resnet20", *args, "-o", tmp_path / "bad.pt")
+        assert bad.returncode == 2 and says in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad.pt").exists()
