@@ -11,7 +11,8 @@ MiniLM: the packaged all-MiniLM-L6-v2; quality = agreement with the original's s
 the FWSVD Fisher is the true Fisher (labels drawn from the model's Gaussian output) on `calib` sentences.
 No MiniLM fine-tune: compress.finetune trains classifiers (cross-entropy / logit distillation) and a sentence
 encoder has no task here, so there is no recovery loss to run.
-Latency: torch.onnx.export (opset 17, dynamo=False), ONNX Runtime CPU, batch 1, 1 intra-op thread,
+Latency: torch.onnx.export of compress.exportable's form, as `compress export` writes it (opset 17,
+dynamo=False), ONNX Runtime CPU, batch 1, 1 intra-op thread,
 warm-up, then rounds that alternate between the models (so load from other processes hits all alike); p50.
 SVD and FWSVD at one rank ratio give the same graph (same layer shapes), so latency is measured per ratio.
 ResNet-20 also runs `fwsvd-full` (--fisher-rows full: the full row Fisher, an extension) and latency-aware rows
@@ -39,6 +40,7 @@ os.environ.setdefault("COMPRESS_NO_PROGRESS", "1")
 
 from compress.assets import data_path  # noqa: E402
 from compress.data import load_dataset  # noqa: E402
+from compress.exportable import exportable  # noqa: E402
 from compress.io import zoo_model  # noqa: E402
 from compress.lowrank import METHODS  # noqa: E402
 from compress.lowrank.methods import FWSVD, recover  # noqa: E402
@@ -70,7 +72,7 @@ class CachedFWSVD(FWSVD):
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str) -> Path:
-    model.eval()
+    model = exportable(model).eval()  # the form `compress export` writes (option-A shortcut as a 1x1 conv)
     with torch.no_grad():
         torch.onnx.export(model, (example,), str(path), opset_version=17, dynamo=False, input_names=[input_name],
                           output_names=["output"])

@@ -55,6 +55,9 @@ ALL_METHODS = ["l1", "random", "beta-rank", "hrank", "polarization", "ftwt"]
 STATIC = ["l1", "random", "beta-rank", "hrank"]
 GATES = ["polarization", "ftwt"]
 MINORITY = [5, 6, 7, 8, 9]
+# rows measured since exports use compress.exportable (option-A shortcut as a 0/1 1x1 conv) carry this; older rows
+# were measured on the Slice/Concat/Gather shortcut graph and are marked in the table
+EXPORT_FORM = "shortcut-conv"
 # the fine-tuning recipe (chosen on a held-out split of the training images; see the findings in pruning.md)
 LR, ALPHA, TEMPERATURE, BATCH = 0.01, 0.2, 4.0, 128
 
@@ -123,10 +126,13 @@ def paired_speedup(dense_onnx: Path, row_onnx: Path, rounds: int, iterations: in
             "p50_rounds_ms": [round(v, 4) for v in row_ms], "dense_p50_paired_ms": round(float(np.median(dense_ms)), 4)}
 
 
-def method_config(method: str, target: float, args, speedup: float | None = None, round_to: int = 0) -> dict:
+def method_config(method: str, target: float, args, speedup: float | None = None, round_to: int = 0,
+                  widths: str | None = None) -> dict:
     # latency rows ask the allocator for a speed-up over the dense model, which it measures in its own process:
     # an absolute target taken from this script's fresh-process p50 would mix two measurement set-ups
     cfg = {"flops_target": target} if speedup is None else {"speedup_target": speedup}
+    if widths:
+        cfg = {"widths": widths}  # a stored allocation: no budget search, no latency measured while pruning
     if speedup is not None and round_to:
         cfg["round_to"] = round_to  # else the default grid step (targets.latency_step)
     cfg["bn_recalibration"] = 0  # 'acc before FT' is the raw pruned model; the benchmark recalibrates a copy
@@ -167,11 +173,12 @@ def dense_finetuned(lm: LoadedModel, ctx: Context, test: Dataset, clean: Dataset
 def run_one(lm: LoadedModel, method: str, target: float, ctx: Context, test: Dataset, before_set: Dataset,
             args, tmp: Path, parity: torch.Tensor, dense: dict, ft_ctx: Context | None = None,
             minority: bool = False, latency_ms: float | None = None, epochs: int | None = None,
-            round_to: int = 0, clean: Dataset | None = None, speedup: float | None = None) -> dict:
+            round_to: int = 0, clean: Dataset | None = None, speedup: float | None = None,
+            widths: str | None = None) -> dict:
     t0 = time.perf_counter()
     m = METHODS.get(method)
     torch.manual_seed(args.seed)
-    cfg = build_config(m, method_config(method, target, args, speedup, round_to))
+    cfg = build_config(m, method_config(method, target, args, speedup, round_to, widths))
     out = m.apply(copy.deepcopy(lm), cfg, ctx)
     model = out.model.eval()
     h = out.history[-1]
@@ -183,6 +190,8 @@ def run_one(lm: LoadedModel, method: str, target: float, ctx: Context, test: Dat
     model = bn_recalibrated(model, ctx)  # fine-tuning starts from the recalibrated model
     row["acc_before_ft_bn_recal"], _ = accuracy(model, before_set, ctx)
     row["widths"] = sorted({m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)})
+    # per conv, so a row's latency can be measured again from the JSON alone (channel identity does not matter)
+    row["conv_widths"] = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     for key in ("ratio", "round_to", "aligned_to", "aligned_flops_fraction", "rounds", "latency_measured_ms", "latency_dense_ms", "consensus_agreement", "consensus_flops_fraction", "r", "firing_histogram",
                 "open_frequency_histogram", "adjusted", "stability"):
         if key in h:
@@ -213,6 +222,7 @@ def run_one(lm: LoadedModel, method: str, target: float, ctx: Context, test: Dat
         row["minority_recall_before_ft"] = round(float(np.mean([rb[c] for c in MINORITY])), 2)
         row["minority_recall_after_ft"] = round(float(np.mean([ra[c] for c in MINORITY])), 2)
     if args.latency:
+        row["export_form"] = EXPORT_FORM
         row.update(latency(model, lm, tmp, f"{lm.arch}_{method}_{target}", parity, args.iterations))
         row["speedup"] = round(dense["p50_ms"] / row["p50_ms"], 3)
         if args.latency_rounds > 1:  # the speed-up the goal check reads: paired, interleaved, median of rounds
@@ -280,6 +290,10 @@ def main() -> None:
                     help="channel multiple of the latency-target rows (0: the default grid step, 8)")
     ap.add_argument("--latency-rows", default="",
                     help="latency rows as METHOD@SPEEDUPxBLOCK,... (e.g. beta-rank@1.6x16,l1@1.7x8); overrides the three above")
+    ap.add_argument("--width-rows", default="",
+                    help="fixed-allocation rows as METHOD@FILE,... (FILE: a stored {group: width} allocation, e.g. "
+                         "benchmarks/allocations/resnet20_*.json; each model takes the files named after it); "
+                         "fine-tuned for --goal-epochs")
     ap.add_argument("--gate-round-to", type=int, default=8,
                     help="round_to of the polarization / FTWT equal-FLOPs rows: their learned widths snapped to "
                          "multiples of this (0: free widths)")
@@ -356,10 +370,12 @@ def main() -> None:
                   f"FLOPs {dense['flops'] / 1e6:.1f}M" + (f", p50 {dense['p50_ms']:.3f} ms" if args.latency else ""),
                   flush=True)
             rows = []
-            plan = [(m, t, None, args.epochs, None, 0) for t in targets for m in methods]
+            plan = [(m, t, None, args.epochs, None, 0, None) for t in targets for m in methods]
             if args.latency:
-                lat_plan = [(m, 0.0, dense["p50_ms"] / sp, args.goal_epochs, sp, rt) for m, sp, rt in latency_rows(args)]
+                lat_plan = [(m, 0.0, dense["p50_ms"] / sp, args.goal_epochs, sp, rt, None)
+                            for m, sp, rt in latency_rows(args)]
                 plan = lat_plan + plan if args.latency_first else plan + lat_plan
+            plan += [(m, 0.0, None, args.goal_epochs, None, 0, wf) for m, wf in width_rows(args, arch)]
             # --merge: a reference of the same recipe from the previous run is reused (it does not depend on the rows)
             prev = previous.get("models", {}).get(arch, {})
             same = {k: (prev.get("settings") or {}).get(k) for k in ("lr", "distill_alpha", "temperature", "ft_batch",
@@ -368,13 +384,13 @@ def main() -> None:
             reuse = (prev.get("dense") or {}).get("ft") or {} if same else {}
             dense["ft"] = {str(ep): reuse[str(ep)] if str(ep) in reuse else dense_finetuned(lm, ctx, test, clean, args, ep)
                            for ep in dense_ft_epochs(args, [p[3] for p in plan])}
-            redo = {row_key(m, t, sp, rt) for m, t, _, _, sp, rt in plan}
+            redo = {row_key(m, t, sp, rt, wf) for m, t, _, _, sp, rt, wf in plan}
             rows = [row for row in kept_rows.get(arch, []) if row_key(row["method"], row["flops_target"],
-                    row.get("speedup_target"), row.get("round_to_arg")) not in redo]
-            for method, target, lat_ms, epochs, sp, rt in plan:
+                    row.get("speedup_target"), row.get("round_to_arg"), row.get("widths_file")) not in redo]
+            for method, target, lat_ms, epochs, sp, rt, wf in plan:
                 try:
                     row = run_one(lm, method, target, ctx, test, before_set, args, tmp, parity, dense,
-                                  latency_ms=lat_ms, epochs=epochs, round_to=rt, clean=clean, speedup=sp)
+                                  latency_ms=lat_ms, epochs=epochs, round_to=rt, clean=clean, speedup=sp, widths=wf)
                 except UserError as e:  # e.g. a latency target out of reach at this channel block: say so, go on
                     print(f"  {method:12s} {'latency' if lat_ms else target}: FAILED: {e}", flush=True)
                     failures.append({"model": arch, "method": method, "flops_target": target,
@@ -386,6 +402,8 @@ def main() -> None:
                            settings=run_settings(args))
                 if lat_ms is not None:
                     row.update(speedup_target=sp, round_to_arg=rt)
+                if wf:
+                    row["widths_file"] = str(Path(wf).relative_to(ROOT)) if Path(wf).is_relative_to(ROOT) else wf
                 rows.append(row)
                 rows.sort(key=lambda x: (x.get("latency_target_ms") is not None, -x["flops_target"],
                                          ALL_METHODS.index(x["method"]) if x["method"] in ALL_METHODS else 99,
@@ -448,9 +466,23 @@ def dense_ft_epochs(args, row_epochs: list[int]) -> list[int]:
     return sorted({int(e) for e in spec.split(",") if e.strip() and int(e) > 0})
 
 
-def row_key(method: str, flops_target: float, speedup_target, round_to) -> tuple:
-    """What a row measures (for --merge): method and budget; latency rows by their speed-up goal and channel block."""
-    return (method, round(float(flops_target), 4), speedup_target or None, round_to or None)
+def row_key(method: str, flops_target: float, speedup_target, round_to, widths_file=None) -> tuple:
+    """What a row measures (for --merge): method and budget; latency rows by their speed-up goal and channel block,
+    fixed-widths rows by their allocation file."""
+    key = (method, round(float(flops_target), 4), speedup_target or None, round_to or None)
+    return key + (Path(widths_file).name,) if widths_file else key
+
+
+def width_rows(args, arch: str) -> list[tuple[str, str]]:
+    """(method, allocation file) of the fixed-widths rows of `arch`: --width-rows METHOD@FILE,... (files whose
+    name starts with the arch's name; relative paths from the repository root)."""
+    out = []
+    for item in filter(None, args.width_rows.split(",")):
+        method, _, path = item.partition("@")
+        path = Path(path) if Path(path).is_absolute() else ROOT / path
+        if path.name.startswith(f"{arch}_"):
+            out.append((method, str(path)))
+    return out
 
 
 def run_settings(args) -> dict:
@@ -475,7 +507,9 @@ def goal_check(r: dict) -> list[str]:
             fast = max(big, key=lambda x: x.get("speedup", 0))
             out.append(f"- {arch}, >= 50% FLOPs reduction, drop measured against the pretrained dense model "
                        f"({d['acc']:.2f}%, the issue's bar): {'MET' if both else 'MISSED'} "
-                       f"(<= 1.0 pt drop and >= 1.6x in one row: {len(both)} of {len(big)} rows). Smallest drop "
+                       f"(<= 1.0 pt drop and >= 1.6x in one row: {len(both)} of {len(big)} rows"
+                       + "".join(f"; {x['method']}, {_budget(x)}: -{x['flops_reduction']:.1%} FLOPs, drop "
+                                 f"{x['drop_after_ft']:+.2f} pt, {x['speedup']}x" for x in both) + "). Smallest drop "
                        f"{best['drop_after_ft']:+.2f} pt ({best['method']}, {_budget(best)}, "
                        f"-{best['flops_reduction']:.1%} FLOPs, {best.get('speedup', '-')}x); fastest "
                        f"{fast.get('speedup', '-')}x ({fast['method']}, {_budget(fast)}, drop {fast['drop_after_ft']:+.2f} pt).")
@@ -515,6 +549,8 @@ def goal_check(r: dict) -> list[str]:
 
 
 def _budget(row: dict) -> str:
+    if row.get("widths_file"):
+        return f"fixed widths {Path(row['widths_file']).name}"
     if row.get("latency_target_ms"):
         goal = f"speed-up {row['speedup_target']:g}x" if row.get("speedup_target") else f"latency {row['latency_target_ms']:.3f} ms"
         return goal + (f", x{row['round_to']}" if row.get("round_to") else "")
@@ -543,8 +579,12 @@ def markdown(r: dict) -> str:
              "fresh-process profiles of the dense and the pruned export (median p50 of each side, both under the same "
              "load; the single reading is kept as speedup_single). Latency rows: per-group widths chosen greedily "
              f"from a measured per-layer latency table (multiples of the 'x' channel block) until the pruned model, measured by the allocator in its own "
-             f"process, is the speed-up goal faster than the dense one (`--speedup-target`; "
-             f"{r['settings'].get('speedup')}x in this run); 'FT ep' epochs of fine-tuning.", "",
+             f"process, is the speed-up goal faster than the dense one (`--speedup-target`, the budget column); 'fixed "
+             "widths' rows re-apply a stored allocation from benchmarks/allocations/ (`--widths`: the method's ranking "
+             "picks the channels, nothing is measured while pruning); 'FT ep' epochs of fine-tuning. † latency measured "
+             "before exports took the option-A shortcut as a 0/1 1x1 conv (then Slice/Concat/Gather, which kept "
+             "ONNX Runtime from fusing the residual adds): those rows' p50 and speed-up are not comparable with the "
+             "unmarked rows (the change made the dense ResNet-20 about 6% and its -57% allocation about 8% faster).", "",
              "## Goals (checked automatically on the rows below)", "", *goal_check(r), ""]
     for arch, m in sorted(r["models"].items()):
         d, s = m["dense"], m.get("settings") or r["settings"]
@@ -570,7 +610,8 @@ def markdown(r: dict) -> str:
                          + (f"{row['drop_vs_dense_ft']:+.2f}" if "drop_vs_dense_ft" in row else "-") + " | "
                          + (f"{row['acc_clean_after_ft']:.2f}" if "acc_clean_after_ft" in row else "-")
                          + f" | {row.get('p50_ms', '-')} | {row.get('speedup', '-')}"
-                         + (f" (paired x{row['latency_rounds']})" if row.get("latency_rounds") else "") + " |")
+                         + (f" (paired x{row['latency_rounds']})" if row.get("latency_rounds") else "")
+                         + (" †" if "p50_ms" in row and row.get("export_form") != EXPORT_FORM else "") + " |")
         lines.append("")
     imb = r.get("imbalanced")
     if imb:

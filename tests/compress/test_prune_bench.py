@@ -44,3 +44,27 @@ def test_goal_check_reads_the_measured_rows_and_skips_a_missing_reference(bench)
     assert "MET" in bench.goal_check(r)[0] and "MISSED" not in bench.goal_check(r)[0]
     r["models"]["resnet20"]["rows"] = [{**row, "speedup": 1.7, "drop_after_ft": 1.01}]
     assert "MISSED" in bench.goal_check(r)[0]
+
+
+def test_fixed_width_rows_are_per_model_and_keyed_by_their_file(bench):
+    args = type("A", (), {"width_rows": "beta-rank@benchmarks/allocations/resnet20_a.json,l1@/x/resnet32_b.json"})()
+    assert [(m, Path(f).name) for m, f in bench.width_rows(args, "resnet20")] == [("beta-rank", "resnet20_a.json")]
+    assert bench.width_rows(args, "resnet32") == [("l1", "/x/resnet32_b.json")]
+    assert bench.row_key("beta-rank", 0.0, None, None, "x/resnet20_a.json") != bench.row_key("beta-rank", 0.0, None, None)
+    row = {"method": "beta-rank", "flops_target": 0.0, "widths_file": "benchmarks/allocations/resnet20_a.json",
+           "flops_reduction": 0.573, "drop_after_ft": 0.87, "speedup": 1.62}
+    assert bench._budget(row) == "fixed widths resnet20_a.json"
+    met = bench.goal_check({"models": {"resnet20": {"dense": {"acc": 81.03}, "rows": [row]}}})[0]
+    assert "MET" in met and "fixed widths resnet20_a.json: -57.3% FLOPs, drop +0.87 pt, 1.62x" in met
+
+
+def test_rows_measured_on_the_old_shortcut_graph_are_marked(bench):
+    base = {"method": "l1", "flops_target": 0.6, "flops_reduction": 0.4, "params": 1e5, "acc_before_ft": 10.0,
+            "acc_before_ft_bn_recal": 20.0, "acc_after_ft": 70.0, "drop_after_ft": 11.0, "p50_ms": 0.3, "speedup": 1.4}
+    r = {"created": "now", "host": {"platform": "x", "cpus": 2, "load_avg_start": [1]}, "settings": {"speedup": 1.7},
+         "data": {"eval_before": 2000, "eval_after": 10000},
+         "models": {"resnet20": {"dense": {"acc": 81.03, "flops": 8e7, "params": 2.7e5},
+                                 "settings": {"lr": 0.01, "train_steps": 80},
+                                 "rows": [base, {**base, "method": "random", "export_form": bench.EXPORT_FORM}]}}}
+    rows = [ln for ln in bench.markdown(r).splitlines() if ln.startswith("| l1 ") or ln.startswith("| random ")]
+    assert rows[0].endswith("| 1.4 † |") and rows[1].endswith("| 1.4 |")
