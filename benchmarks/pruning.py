@@ -561,8 +561,9 @@ def markdown(r: dict) -> str:
     lines = ["# Pruning benchmark", "",
              f"Last run created {r['created']} on {r['host']['platform']} ({r['host']['cpus']} CPUs shared with other jobs; "
              f"load average at start {r['host']['load_avg_start']}, at end {r['host'].get('load_avg_end', '-')}). "
-             f"This run: {r.get('seconds_total', 0) / 60:.1f} min. Command: `python benchmarks/pruning.py` with the "
-             f"settings in pruning.json (per model).", "",
+             + (f"This run: {r.get('seconds_total', 0) / 60:.1f} min. " if r["settings"].get("models") else
+                "This run only merged the findings text; each model's rows name their own run. ")
+             + "Command: `python benchmarks/pruning.py` with the settings in pruning.json (per model).", "",
              "Fine-tuning: KD from the dense model plus cross-entropy on the labels (alpha * KD + (1 - alpha) * CE; "
              "alpha, temperature T, lr and batch per model below) on cifar10_train20k_jpeg, "
              "SGD momentum 0.9, cosine lr to 0, flip/crop augmentation, starting from the BN-recalibrated pruned "
