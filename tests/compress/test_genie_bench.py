@@ -127,3 +127,72 @@ def test_seeds_run_the_chosen_sources_on_their_own_images(bench, small_bench, mo
     b.run_seeds(calib)
     assert seen == [(s, 1, "w4a4") for s in expect]
     assert [r["calib"] for r in b.seed_rows] == expect
+
+
+# --- calibration draws: the same runs on other calibration images (Genie-D seed, real subset seed) -----------------
+def _draw(calib, draw, seed, jpeg):
+    return _row("genie", "w4a4", calib, 90.0, jpeg, seed=seed, draw=draw)
+
+
+DRAWS = [_draw("genie", 1, 0, 77.0), _draw("genie", 1, 1, 77.4), _draw("real", 1, 0, 80.0), _draw("real", 1, 1, 80.4)]
+
+
+def test_draw_goals_average_every_run_of_every_draw_and_leave_the_seeds_table_alone(bench):
+    cells = bench.draw_cells(ROWS, SEEDS + DRAWS)
+    genie = cells[("resnet20", "w4a4", "genie")]
+    assert genie["draws"] == {0: [0, 1], 1: [0, 1]}
+    assert genie["jpeg10000"] == {0: [79.0, 79.6], 1: [77.0, 77.4]}
+    # draw rows never enter the Seeds table (its spread is one draw's)
+    assert bench.seed_cells(ROWS, SEEDS + DRAWS) == bench.seed_cells(ROWS, SEEDS)
+    goals = {g["goal"]: g for g in bench.draw_goals(ROWS, SEEDS + DRAWS) if g["dataset"] == "jpeg10000"}
+    real = goals["genie data within 1 pt of real data, W4A4: mean of 2 calibration draws x Genie-M seeds (4 runs)"]
+    assert real["value"] == pytest.approx(78.25) and real["bound"] == pytest.approx(79.1) and not real["met"]
+    # the seed-mean goal of draw 0 alone still passes: the draws are what tells
+    seeds = {g["goal"]: g for g in bench.seed_goals(ROWS, SEEDS + DRAWS) if g["dataset"] == "jpeg10000"}
+    assert seeds["genie data within 1 pt of real data, W4A4: mean of 2 Genie-M seeds"]["met"]
+    # genie against a real source only over the same draws and seeds
+    assert not any("of real data" in g["goal"] for g in bench.draw_goals(ROWS, SEEDS + DRAWS[:3]))
+    md = bench.markdown({"rows": ROWS, "exports": [], "synthesis": {}, "seed_rows": SEEDS + DRAWS, "goals": [],
+                         "created": "x", "environment": {"platform": "p", "cpus": 2}, "loadavg_start": [],
+                         "loadavg_end": [], "seconds": 1.0, "preset": "bench", "budgets": {"jpeg_n": 10000}})
+    assert "## Calibration draws" in md and "| resnet20 | w4a4 | genie | 0 (2), 1 (2) |" in md
+
+
+def test_draws_run_seed_0_and_the_seeds_on_each_draws_own_images(bench, small_bench, monkeypatch, tmp_path):
+    import torch
+
+    import compress.quantize.genie as genie
+
+    b, calib0 = small_bench
+    preset = b.p
+    torch.save({"x": torch.ones(8, 3, 32, 32), "seconds": 3.0, "loadavg": [],
+                "summary": {"config": {}, "batches": [{"first": {"loss": 1.0}, "last": {"loss": 0.4}}]}},
+               b.synth_cache / f"resnet20_genie_n8_it{preset['distill_iters']}_w{preset['gen_width']}_s1.pt")
+    seen = []
+
+    def fake_quantize(model, images, cfg, seed, spec):
+        seen.append((images, seed))
+        return model, {}
+
+    monkeypatch.setattr(genie, "genie_quantize", fake_quantize)
+    monkeypatch.setattr(b, "accuracy", lambda model: {"lossless846": 1.0})
+    monkeypatch.setattr(b, "seed_rows", [])
+    monkeypatch.setattr(b, "sources", ("genie", "real"))
+    monkeypatch.setattr(b, "draws", (1,))
+    b.run_draws()
+    assert [(r["calib"], r["draw"], r["seed"]) for r in b.seed_rows] == [
+        ("genie", 1, 0), ("genie", 1, 1), ("real", 1, 0), ("real", 1, 1)]
+    assert seen[0][0].eq(1).all()  # draw 1's Genie-D images (the seed-1 cache), not draw 0's
+    assert not seen[2][0].equal(calib0["real"][0])  # another random subset of the real images
+    assert b.draw_synthesis[1]["seconds"] == 3.0 and b.synthesis["seconds"] == 0.0  # draw 1 has its own record
+    # merging keys a run by its draw too: draw 1 seed 0 does not replace the main run's seed rows
+    result = {"rows": ROWS, "exports": [], "synthesis": {}, "seed_rows": SEEDS, "created": "x",
+              "environment": {"platform": "p", "cpus": 2}, "loadavg_start": [], "loadavg_end": [], "seconds": 1.0,
+              "preset": "bench", "budgets": {"jpeg_n": 10000}}
+    (tmp_path / "quantization.json").write_text(json.dumps(result))
+    bench.merge(tmp_path, {}, ("draws",), ["resnet20"], [], [], {}, [], 0.0, [], DRAWS, None,
+                {"resnet20": {1: {"seconds": 3.0, "batches": [{"last": {"loss": 0.4}}]}}})
+    merged = json.loads((tmp_path / "quantization.json").read_text())
+    assert len(merged["seed_rows"]) == len(SEEDS) + len(DRAWS)
+    assert merged["draw_synthesis"]["resnet20"]["1"]["seconds"] == 3.0
+    assert any("calibration draws" in g["goal"] for g in merged["goals"])
