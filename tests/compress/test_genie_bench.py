@@ -196,3 +196,14 @@ def test_draws_run_seed_0_and_the_seeds_on_each_draws_own_images(bench, small_be
     assert len(merged["seed_rows"]) == len(SEEDS) + len(DRAWS)
     assert merged["draw_synthesis"]["resnet20"]["1"]["seconds"] == 3.0
     assert any("calibration draws" in g["goal"] for g in merged["goals"])
+
+
+def test_mean_goals_check_genie_above_noise_over_the_same_runs(bench):
+    noise = [_row("genie", "w8a8", "noise", 91.6, 80.7)]
+    noise_seeds = [_row("genie", "w8a8", "noise", 91.7, 80.7, seed=1)]
+    goals = {(g["dataset"], g["goal"]): g for g in bench.seed_goals(ROWS + noise, SEEDS + noise_seeds)}
+    tie = goals[("jpeg10000", "genie data above noise, W8A8: mean of 2 Genie-M seeds")]
+    assert tie["value"] == pytest.approx(80.7) and tie["bound"] == pytest.approx(80.7) and not tie["met"]  # not above
+    above = goals[("lossless846", "genie data above noise, W8A8: mean of 2 Genie-M seeds")]
+    assert above["value"] == pytest.approx(91.55) and not above["met"]
+    assert not any("noise" in g["goal"] for g in bench.seed_goals(ROWS + noise, SEEDS))  # no noise seeds: no check
