@@ -557,6 +557,15 @@ def _budget(row: dict) -> str:
     return f"FLOPs {row['flops_target']:.2f}" + (f", x{row['aligned_to']}" if row.get("aligned_to") else "")
 
 
+def _runs_of(m: dict) -> str:
+    """Which run(s) a model's rows come from (a --merge run keeps the other rows with their own run)."""
+    runs = sorted({row["created"] for row in m.get("rows", []) if row.get("created")} or
+                  ({m["created"]} if m.get("created") else set()))
+    if len(runs) > 1:
+        return f"; rows from {len(runs)} runs, {runs[0]} to {runs[-1]} (each row's run is in pruning.json)"
+    return f"; rows from the run of {runs[0]}" if runs else ""
+
+
 def markdown(r: dict) -> str:
     lines = ["# Pruning benchmark", "",
              f"Last run created {r['created']} on {r['host']['platform']} ({r['host']['cpus']} CPUs shared with other jobs; "
@@ -582,10 +591,13 @@ def markdown(r: dict) -> str:
              f"from a measured per-layer latency table (multiples of the 'x' channel block) until the pruned model, measured by the allocator in its own "
              f"process, is the speed-up goal faster than the dense one (`--speedup-target`, the budget column); 'fixed "
              "widths' rows re-apply a stored allocation from benchmarks/allocations/ (`--widths`: the method's ranking "
-             "picks the channels, nothing is measured while pruning); 'FT ep' epochs of fine-tuning. † latency measured "
-             "before exports took the option-A shortcut as a 0/1 1x1 conv (then Slice/Concat/Gather, which kept "
-             "ONNX Runtime from fusing the residual adds): those rows' p50 and speed-up are not comparable with the "
-             "unmarked rows (the change made the dense ResNet-20 about 6% and its -57% allocation about 8% faster).", "",
+             "picks the channels, nothing is measured while pruning); 'FT ep' epochs of fine-tuning."
+             + (" † latency measured "
+                "before exports took the option-A shortcut as a 0/1 1x1 conv (then Slice/Concat/Gather, which kept "
+                "ONNX Runtime from fusing the residual adds): those rows' p50 and speed-up are not comparable with the "
+                "unmarked rows (the change made the dense ResNet-20 about 6% and its -57% allocation about 8% faster)."
+                if any("p50_ms" in row and row.get("export_form") != EXPORT_FORM
+                       for m in r["models"].values() for row in m["rows"]) else ""), "",
              "## Goals (checked automatically on the rows below)", "", *goal_check(r), ""]
     for arch, m in sorted(r["models"].items()):
         d, s = m["dense"], m.get("settings") or r["settings"]
@@ -595,7 +607,7 @@ def markdown(r: dict) -> str:
                   + (f", p50 {d['p50_ms']:.3f} ms" if "p50_ms" in d else ""), "",
                   f"Fine-tuning lr {s['lr']}, alpha {s.get('distill_alpha', 0.9)} (KD weight), T {s.get('temperature', 4.0)}, "
                   f"batch {s.get('ft_batch', 128)}; polarization / FTWT train {s['train_steps']} steps before extraction"
-                  + (f"; rows from the run of {m['created']}" if m.get("created") else "") + "."
+                  + _runs_of(m) + "."
                   + "".join(f" Dense + FT ({ep} ep, same recipe): {ft['acc']:.2f}%"
                             + (f" ({ft['acc_clean']:.2f}% clean)" if "acc_clean" in ft else "") + "."
                             for ep, ft in sorted((d.get("ft") or {}).items())), "",
