@@ -557,6 +557,11 @@ def _budget(row: dict) -> str:
     return f"FLOPs {row['flops_target']:.2f}" + (f", x{row['aligned_to']}" if row.get("aligned_to") else "")
 
 
+def _old_export(row: dict) -> bool:
+    """The row's latency was measured on an export form older than EXPORT_FORM (not comparable with the others)."""
+    return "p50_ms" in row and row.get("export_form") != EXPORT_FORM
+
+
 def _runs_of(m: dict) -> str:
     """Which run(s) a model's rows come from (a --merge run keeps the other rows with their own run)."""
     runs = sorted({row["created"] for row in m.get("rows", []) if row.get("created")} or
@@ -596,8 +601,7 @@ def markdown(r: dict) -> str:
                 "before exports took the option-A shortcut as a 0/1 1x1 conv (then Slice/Concat/Gather, which kept "
                 "ONNX Runtime from fusing the residual adds): those rows' p50 and speed-up are not comparable with the "
                 "unmarked rows (the change made the dense ResNet-20 about 6% and its -57% allocation about 8% faster)."
-                if any("p50_ms" in row and row.get("export_form") != EXPORT_FORM
-                       for m in r["models"].values() for row in m["rows"]) else ""), "",
+                if any(_old_export(row) for m in r["models"].values() for row in m["rows"]) else ""), "",
              "## Goals (checked automatically on the rows below)", "", *goal_check(r), ""]
     for arch, m in sorted(r["models"].items()):
         d, s = m["dense"], m.get("settings") or r["settings"]
@@ -624,7 +628,7 @@ def markdown(r: dict) -> str:
                          + (f"{row['acc_clean_after_ft']:.2f}" if "acc_clean_after_ft" in row else "-")
                          + f" | {row.get('p50_ms', '-')} | {row.get('speedup', '-')}"
                          + (f" (paired x{row['latency_rounds']})" if row.get("latency_rounds") else "")
-                         + (" †" if "p50_ms" in row and row.get("export_form") != EXPORT_FORM else "") + " |")
+                         + (" †" if _old_export(row) else "") + " |")
         lines.append("")
     imb = r.get("imbalanced")
     if imb:
