@@ -255,6 +255,31 @@ def prune_to_keep(model: nn.Module, example_input: torch.Tensor, keep: Mapping[s
     return model.train(was_training)
 
 
+@contextmanager
+def tracked_channels(model: nn.Module) -> Iterator[dict[str, list[int]]]:
+    """Around a prune: which original channels each BatchNorm of `model` still holds, BN name -> indices, filled
+    in on exit for the BNs that lost channels (distillation maps student features back to the teacher's by them).
+
+    Torch-Pruning slices a BatchNorm's running_mean together with its channels, so the channel numbers ride in
+    running_mean during the prune and the real statistics are put back from a copy afterwards."""
+    bns = {n: m for n, m in model.named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None}
+    saved = {n: m.running_mean.clone() for n, m in bns.items()}
+    with torch.no_grad():
+        for m in bns.values():
+            m.running_mean.copy_(torch.arange(m.num_features, dtype=m.running_mean.dtype))
+    kept: dict[str, list[int]] = {}
+    try:
+        yield kept
+    finally:
+        with torch.no_grad():
+            for n, m in bns.items():
+                idx = m.running_mean.round().long()
+                m.running_mean.copy_(saved[n][idx])
+                if len(idx) < len(saved[n]):
+                    kept[n] = idx.tolist()
+
+
 def keep_sets(model: nn.Module, example_input: torch.Tensor, importance: Importance, ratio: Ratio,
               round_to: int | None = None, ignore: Sequence[str] = ()) -> dict[str, list[int]]:
     """Which channels `prune_channels` would keep: group name -> channel indices (of the group's first member)."""

@@ -54,12 +54,12 @@ import torch.nn as nn
 
 from compress.errors import UserError
 from compress.exportable import exportable
-from compress.finetune import finetune, recalibrate_bn
+from compress.finetune import FeatureDistill, feature_points, finetune, recalibrate_bn
 from compress.io import InputSpec, LoadedModel
 from compress.metrics import count_flops, count_params
 from compress.progress import log, status
 from compress.prune.base import ImportancePruneMethod, PruneConfig
-from compress.prune.engine import channel_groups, find_ratio, keep_sets, prune_to_keep
+from compress.prune.engine import channel_groups, find_ratio, keep_sets, prune_to_keep, tracked_channels
 from compress.prune.graph import ADD_FUNCS, CONV, NORM, PASS_FUNCS, PASS_MODULES, trace
 from compress.stages import Context, option
 
@@ -817,8 +817,9 @@ class TargetedPruneMethod(ImportancePruneMethod):
         if other is not None:
             return other
         keep = self.plan(model, lm.spec, example, scores, cfg, ctx, info)
-        if keep:
-            prune_to_keep(model, example, keep)
+        with tracked_channels(model) as kept_channels:
+            if keep:
+                prune_to_keep(model, example, keep)
         self.after_prune(model, keep, scores, cfg, ctx, info)
         bn_done = recalibrate_bn(model, ctx, cfg.bn_recalibration) if cfg.bn_recalibration and keep else False
         after = {"params": count_params(model), "flops": count_flops(model, shape)}
@@ -829,13 +830,19 @@ class TargetedPruneMethod(ImportancePruneMethod):
                                  "ratio": info.pop("ratio", None), "params_before": before["params"],
                                  "params_after": after["params"], "flops_before": before["flops"],
                                  "flops_after": after["flops"], "kept_widths": {g: len(v) for g, v in keep.items()},
-                                 "bn_recalibrated": bn_done,
+                                 "bn_recalibrated": bn_done, "kept_channels": kept_channels,
                                  **info,
                                  "seconds_prune": round(time.perf_counter() - t0, 2)}
         if cfg.finetune_epochs:
             epochs: list[dict] = []
+            features = None
+            if cfg.distill_features > 0:
+                names = [n.strip() for n in cfg.distill_points.split(",") if n.strip()] if cfg.distill_points else None
+                features = FeatureDistill(feature_points(model, kept_channels, names), cfg.distill_features)
+                entry["distill_points"] = list(features.points)
             finetune(model, ctx, cfg.finetune_epochs, cfg.lr, cfg.batch_size, teacher=teacher,
-                     distill=cfg.distill, temperature=cfg.distill_temperature, alpha=cfg.distill_alpha, log=epochs)
+                     distill=cfg.distill, temperature=cfg.distill_temperature, alpha=cfg.distill_alpha, log=epochs,
+                     features=features)
             entry["finetune"] = epochs
         return LoadedModel(model.eval(), lm.spec, "compress", lm.source, lm.arch, dict(lm.arch_kwargs),
                            list(lm.edits), [*lm.history, entry])
