@@ -44,7 +44,7 @@ os.environ.setdefault("COMPRESS_NO_PROGRESS", "1")
 from compress.assets import data_path  # noqa: E402
 from compress.data import Dataset, load_dataset  # noqa: E402
 from compress.errors import UserError  # noqa: E402
-from compress.finetune import finetune  # noqa: E402
+from compress.finetune import FeatureDistill, feature_points, finetune  # noqa: E402
 from compress.io import LoadedModel, zoo_model  # noqa: E402
 from compress.metrics import count_flops, count_params, predict, top1  # noqa: E402
 from compress.progress import set_quiet  # noqa: E402
@@ -202,9 +202,13 @@ def run_one(lm: LoadedModel, method: str, target: float, ctx: Context, test: Dat
     teacher = lm.model.eval()
     log: list[dict] = []
     row["ft_epochs"] = epochs or args.epochs
+    features = None
+    if args.distill_features:  # the stages, mapped to the teacher by the channels the prune kept
+        features = FeatureDistill(feature_points(model, h.get("kept_channels", {})), args.distill_features)
+        row.update(distill_features=args.distill_features, distill_points=list(features.points))
     torch.manual_seed(args.seed)
     finetune(model, ft_ctx or ctx, row["ft_epochs"], teacher=teacher, distill=True, max_steps=args.ft_steps or None,
-             log=log, **recipe(args))
+             log=log, features=features, **recipe(args))
     row["ft_steps"] = log[-1]["steps"] if log else 0
     row["seconds_ft"] = round(time.perf_counter() - t1, 1)
     row["acc_after_ft"], logits_a = accuracy(model, test, ctx)
@@ -271,6 +275,9 @@ def main() -> None:
     ap.add_argument("--distill-alpha", type=float, default=ALPHA,
                     help="fine-tuning loss: alpha * KD + (1 - alpha) * cross-entropy on the labels")
     ap.add_argument("--temperature", type=float, default=TEMPERATURE, help="KD temperature")
+    ap.add_argument("--distill-features", type=float, default=0.0,
+                    help="weight of feature distillation at the model's stages while fine-tuning the rows (the "
+                         "dense + fine-tuning reference keeps the plain recipe); such rows are kept apart for --merge")
     ap.add_argument("--ft-batch", type=int, default=BATCH, help="fine-tuning batch size")
     ap.add_argument("--dense-ft-epochs", default="goal",
                     help="epochs of the 'dense + same fine-tuning' reference rows, comma-separated ('goal': "
@@ -384,9 +391,10 @@ def main() -> None:
             reuse = (prev.get("dense") or {}).get("ft") or {} if same else {}
             dense["ft"] = {str(ep): reuse[str(ep)] if str(ep) in reuse else dense_finetuned(lm, ctx, test, clean, args, ep)
                            for ep in dense_ft_epochs(args, [p[3] for p in plan])}
-            redo = {row_key(m, t, sp, rt, wf) for m, t, _, _, sp, rt, wf in plan}
+            redo = {row_key(m, t, sp, rt, wf, args.distill_features) for m, t, _, _, sp, rt, wf in plan}
             rows = [row for row in kept_rows.get(arch, []) if row_key(row["method"], row["flops_target"],
-                    row.get("speedup_target"), row.get("round_to_arg"), row.get("widths_file")) not in redo]
+                    row.get("speedup_target"), row.get("round_to_arg"), row.get("widths_file"),
+                    row.get("distill_features")) not in redo]
             for method, target, lat_ms, epochs, sp, rt, wf in plan:
                 try:
                     row = run_one(lm, method, target, ctx, test, before_set, args, tmp, parity, dense,
@@ -466,11 +474,13 @@ def dense_ft_epochs(args, row_epochs: list[int]) -> list[int]:
     return sorted({int(e) for e in spec.split(",") if e.strip() and int(e) > 0})
 
 
-def row_key(method: str, flops_target: float, speedup_target, round_to, widths_file=None) -> tuple:
+def row_key(method: str, flops_target: float, speedup_target, round_to, widths_file=None,
+            distill_features: float | None = None) -> tuple:
     """What a row measures (for --merge): method and budget; latency rows by their speed-up goal and channel block,
-    fixed-widths rows by their allocation file."""
+    fixed-widths rows by their allocation file; rows fine-tuned with feature distillation by its weight."""
     key = (method, round(float(flops_target), 4), speedup_target or None, round_to or None)
-    return key + (Path(widths_file).name,) if widths_file else key
+    key = key + (Path(widths_file).name,) if widths_file else key
+    return key + (("features", float(distill_features)),) if distill_features else key
 
 
 def width_rows(args, arch: str) -> list[tuple[str, str]]:
@@ -508,11 +518,11 @@ def goal_check(r: dict) -> list[str]:
             out.append(f"- {arch}, >= 50% FLOPs reduction, drop measured against the pretrained dense model "
                        f"({d['acc']:.2f}%, the issue's bar): {'MET' if both else 'MISSED'} "
                        f"(<= 1.0 pt drop and >= 1.6x in one row: {len(both)} of {len(big)} rows"
-                       + "".join(f"; {x['method']}, {_budget(x)}: -{x['flops_reduction']:.1%} FLOPs, drop "
+                       + "".join(f"; {_label(x)}, {_budget(x)}: -{x['flops_reduction']:.1%} FLOPs, drop "
                                  f"{x['drop_after_ft']:+.2f} pt, {x['speedup']}x" for x in both) + "). Smallest drop "
-                       f"{best['drop_after_ft']:+.2f} pt ({best['method']}, {_budget(best)}, "
+                       f"{best['drop_after_ft']:+.2f} pt ({_label(best)}, {_budget(best)}, "
                        f"-{best['flops_reduction']:.1%} FLOPs, {best.get('speedup', '-')}x); fastest "
-                       f"{fast.get('speedup', '-')}x ({fast['method']}, {_budget(fast)}, drop {fast['drop_after_ft']:+.2f} pt).")
+                       f"{fast.get('speedup', '-')}x ({_label(fast)}, {_budget(fast)}, drop {fast['drop_after_ft']:+.2f} pt).")
             # rows whose dense + FT reference this model entry holds (a --merge run with other --dense-ft-epochs
             # keeps rows measured against a reference it did not recompute)
             ref = [x for x in big if "drop_vs_dense_ft" in x and str(x.get("ft_epochs")) in (d.get("ft") or {})]
@@ -524,12 +534,14 @@ def goal_check(r: dict) -> list[str]:
                            f"({ft['acc']:.2f}% after {ft['epochs']} ep; this separates the cost of pruning from the "
                            f"JPEG-domain gain of fine-tuning): {'met' if both_ref else 'missed'} ({len(both_ref)} of "
                            f"{len(ref)} rows with that reference). Smallest drop {b2['drop_vs_dense_ft']:+.2f} pt "
-                           f"({b2['method']}, {_budget(b2)}, {b2.get('speedup', '-')}x)"
+                           f"({_label(b2)}, {_budget(b2)}, {b2.get('speedup', '-')}x)"
                            + (f"; on the clean lossless846 images that row has {b2['acc_clean_after_ft']:.2f}% vs "
                               f"{d['acc_clean']:.2f}% dense and {ft['acc_clean']:.2f}% dense + fine-tuning"
                               if "acc_clean_after_ft" in b2 and "acc_clean" in ft else "") + ".")
-        for t in sorted({x["flops_target"] for x in rows if not x.get("latency_target_ms")}):
-            by = {x["method"]: x for x in rows if x["flops_target"] == t and not x.get("latency_target_ms")}
+        # the equal-FLOPs rows only (fixed-widths rows carry flops_target 0 and each their own allocation)
+        for t in sorted({x["flops_target"] for x in rows if not x.get("latency_target_ms") and not x.get("widths_file")}):
+            by = {x["method"]: x for x in rows if x["flops_target"] == t and not x.get("latency_target_ms")
+                  and not x.get("distill_features")}
             if "beta-rank" in by and "l1" in by:
                 b, l1 = by["beta-rank"], by["l1"]
                 out.append(f"- {arch}, FLOPs kept {t}: Beta-Rank vs L1 before fine-tuning: raw {b['acc_before_ft']:.2f} "
@@ -555,6 +567,11 @@ def _budget(row: dict) -> str:
         goal = f"speed-up {row['speedup_target']:g}x" if row.get("speedup_target") else f"latency {row['latency_target_ms']:.3f} ms"
         return goal + (f", x{row['round_to']}" if row.get("round_to") else "")
     return f"FLOPs {row['flops_target']:.2f}" + (f", x{row['aligned_to']}" if row.get("aligned_to") else "")
+
+
+def _label(row: dict) -> str:
+    """The method column: the method, and feature distillation when its fine-tuning used it."""
+    return row["method"] + (f" + feature KD {row['distill_features']:g}" if row.get("distill_features") else "")
 
 
 def _old_export(row: dict) -> bool:
@@ -620,7 +637,7 @@ def markdown(r: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in m["rows"]:
             ep = row.get("ft_epochs", "-")
-            lines.append(f"| {row['method']} | {_budget(row)} | {row['flops_reduction']:.1%} | "
+            lines.append(f"| {_label(row)} | {_budget(row)} | {row['flops_reduction']:.1%} | "
                          f"{row['params'] / 1e3:.0f}k | {','.join(map(str, row.get('widths', [])))} | "
                          f"{row['acc_before_ft']:.2f} | {row['acc_before_ft_bn_recal']:.2f} | {ep} | "
                          f"{row['acc_after_ft']:.2f} | {row['drop_after_ft']:+.2f} | "

@@ -31,10 +31,10 @@ class PruneConfig(MethodConfig):
     distill_temperature: float = option(4.0, "softmax temperature of the distillation loss")
     distill_features: float = option(0.0, "weight of feature distillation while fine-tuning: each distilled "
                                           "module's output is pulled towards the teacher's on the channels it kept "
-                                          "(0: off). Helps the original domain when the fine-tuning data differs "
-                                          "from it (ResNet-32, Beta-Rank -56% FLOPs, 3 epochs on JPEG images: 20 "
-                                          "gave +2.6 pt on clean test images, -0.4 pt on JPEG ones; see "
-                                          "benchmarks/results/pruning.md)")
+                                          "(0: off). Keeps the original domain when the fine-tuning data differs "
+                                          "from it (ResNet-32 pruned 55-57%, 3 epochs on JPEG images, same widths: "
+                                          "20 gave +2.1 to +3.4 pt on clean test images and -0.2 to -0.4 pt on JPEG "
+                                          "ones; see benchmarks/results/pruning.md)")
     distill_points: str | None = option(None, "modules whose outputs feature distillation compares, comma-separated "
                                                "(default: the model's top-level blocks holding a BatchNorm, e.g. "
                                                "ResNet stages)")

@@ -54,6 +54,10 @@ def test_fixed_width_rows_are_per_model_and_keyed_by_their_file(bench):
     row = {"method": "beta-rank", "flops_target": 0.0, "widths_file": "benchmarks/allocations/resnet20_a.json",
            "flops_reduction": 0.573, "drop_after_ft": 0.87, "speedup": 1.62}
     assert bench._budget(row) == "fixed widths resnet20_a.json"
+    # the same allocation fine-tuned with feature distillation is another row, labelled as such
+    assert bench.row_key("beta-rank", 0.0, None, None, "x/resnet20_a.json", 20.0) \
+        != bench.row_key("beta-rank", 0.0, None, None, "x/resnet20_a.json")
+    assert bench._label(row) == "beta-rank" and bench._label({**row, "distill_features": 20.0}) == "beta-rank + feature KD 20"
     met = bench.goal_check({"models": {"resnet20": {"dense": {"acc": 81.03}, "rows": [row]}}})[0]
     assert "MET" in met and "fixed widths resnet20_a.json: -57.3% FLOPs, drop +0.87 pt, 1.62x" in met
 
