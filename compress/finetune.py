@@ -94,9 +94,11 @@ def finetune(model: nn.Module, ctx: Context, epochs: int, lr: float = 0.01, batc
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
     if use_kd:
         teacher.eval()
-    if features is not None and features.weight > 0 and not use_kd:
-        raise UserError("feature distillation needs the original model as teacher (distillation on)")
-    taps = _FeatureTaps(model, teacher, features) if features is not None and features.weight > 0 else None
+    taps = None
+    if features is not None and features.weight > 0:
+        if not use_kd:
+            raise UserError("feature distillation needs the original model as teacher (distillation on)")
+        taps = _FeatureTaps(model, teacher, features)
     step = 0
     try:  # the hooks come off even when training fails: the teacher is the caller's model
         for epoch in range(epochs):

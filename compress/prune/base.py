@@ -46,6 +46,11 @@ class PruneConfig(MethodConfig):
     bn_recalibration: int = option(1000, "re-estimate BatchNorm statistics on this many calib/train images after "
                                          "pruning, before fine-tuning (0: off)")
 
+    @property
+    def point_names(self) -> list[str] | None:
+        """distill_points as module names (None: feature_points' default)."""
+        return [n.strip() for n in self.distill_points.split(",") if n.strip()] if self.distill_points else None
+
     def validate(self) -> None:
         if (self.ratio is None) == (self.flops_target is None):
             raise UserError("pruning: give exactly one of ratio or flops_target")

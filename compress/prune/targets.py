@@ -116,9 +116,11 @@ class TargetConfig(PruneConfig):
         PruneConfig.validate(probe)
 
     def check_model(self, lm: LoadedModel) -> None:
-        """Fixed widths must name this model's groups and fit in them."""
+        """Fixed widths must name this model's groups and fit in them; distillation points must be its modules."""
         if self.widths is not None:
             check_widths(WidthModel(lm.model.eval(), lm.spec.example(1)), self.widths)
+        if self.distill_features > 0:
+            feature_points(lm.model, {}, self.point_names)  # module names survive pruning: refuse before it
 
 
 def parse_widths(spec: dict | str) -> dict[str, int]:
@@ -837,8 +839,7 @@ class TargetedPruneMethod(ImportancePruneMethod):
             epochs: list[dict] = []
             features = None
             if cfg.distill_features > 0:
-                names = [n.strip() for n in cfg.distill_points.split(",") if n.strip()] if cfg.distill_points else None
-                features = FeatureDistill(feature_points(model, kept_channels, names), cfg.distill_features)
+                features = FeatureDistill(feature_points(model, kept_channels, cfg.point_names), cfg.distill_features)
                 entry["distill_points"] = list(features.points)
             finetune(model, ctx, cfg.finetune_epochs, cfg.lr, cfg.batch_size, teacher=teacher,
                      distill=cfg.distill, temperature=cfg.distill_temperature, alpha=cfg.distill_alpha, log=epochs,

@@ -94,7 +94,7 @@ def test_feature_distillation_pulls_the_stages_to_the_teacher(pruned, resnet20, 
     assert _stage_gap(student, teacher, shuffled, x) > 2 * gaps[20.0]
 
 
-def test_feature_distillation_options_are_checked(resnet20):
+def test_feature_distillation_options_are_checked(resnet20, tmp_path):
     m = METHODS.get("l1")
     with pytest.raises(UserError, match="finetune_epochs > 0"):
         build_config(m, {"ratio": 0.5, "distill_features": 5.0})
@@ -103,3 +103,9 @@ def test_feature_distillation_options_are_checked(resnet20):
     r = run_cli("prune", RESNET20, "--arch", "resnet20", "--method", "l1", "--ratio", "0.5", "--distill-features", "5",
                 "--no-distill", "--finetune-epochs", "1")
     assert r.returncode == 2 and "distill_features" in r.stderr and "Traceback" not in r.stderr
+    # an unknown distillation point is refused before any pruning work, with nothing written
+    out = tmp_path / "p.pt"
+    r = run_cli("prune", RESNET20, "--arch", "resnet20", "--method", "l1", "--ratio", "0.5", "--distill-features", "5",
+                "--distill-points", "layer9", "--finetune-epochs", "1", "-o", out)
+    assert r.returncode == 2 and "no module named 'layer9'" in r.stderr and "pruned l1" not in r.stderr
+    assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())
