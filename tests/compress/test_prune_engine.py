@@ -235,6 +235,29 @@ def test_greedy_last_step_takes_the_cheapest_step_that_meets_the_target():
     assert greedy_keep(wm, imp, cost, 33.5, finish_cheapest=True) == {"wide": [0, 1, 2], "narrow": [0, 2, 3]}
 
 
+def test_fill_gives_back_what_the_last_greedy_step_overshot():
+    """The greedy removes cheap, unimportant channels first and crosses the target with a big step last, ending well
+    under it; greedy_fill then gives back, on the allowed widths, what still fits under the target."""
+    from types import SimpleNamespace
+
+    from compress.prune.targets import WidthModel, greedy_fill, greedy_keep
+
+    wm = SimpleNamespace(full={"wide": 4, "narrow": 4})
+    wm.widths_of = lambda keep: WidthModel.widths_of(wm, keep)
+    imp = {"wide": torch.tensor([1.0, 1.0, 1.0, 1.0]), "narrow": torch.tensor([0.01, 0.02, 0.03, 0.04])}
+
+    def cost(w):  # 44 at full widths; a wide channel saves 10, a narrow one 1
+        return 10.0 * w["wide"] + 1.0 * w["narrow"]
+
+    keep = greedy_keep(wm, imp, cost, 36.5, finish_cheapest=True)
+    assert keep == {"wide": [0, 1, 2], "narrow": [3]} and cost(wm.widths_of(keep)) == 31.0  # 5.5 under the target
+    up = lambda g, w: list(range(w + 1, wm.full[g] + 1))  # noqa: E731
+    filled = greedy_fill(wm, imp, cost, 36.5, keep, next_width_up=up)
+    assert filled == {"wide": [0, 1, 2]} and cost(wm.widths_of(filled)) == 34.0
+    # only the offered widths: with narrow allowed back to 4 alone (not 2 or 3), 4 still fits
+    assert greedy_fill(wm, imp, cost, 33.5, keep, next_width_up=lambda g, w: [4]) == keep  # 34 > 33.5
+
+
 def test_flops_target_with_round_to_keeps_multiples(r20):
     model, x = r20.model, r20.spec.example(1)
     flops = count_flops(model, SHAPE)
@@ -321,6 +344,56 @@ def test_one_noisy_latency_reading_does_not_move_the_allocation(r20, monkeypatch
     assert keep_noisy == keep_quiet
     assert info_noisy["latency_target_ms"] == info_quiet["latency_target_ms"]
     assert [r["measured_ms"] for r in info_noisy["rounds"]] == [r["measured_ms"] for r in info_quiet["rounds"]]
+
+
+def test_an_allocation_far_faster_than_asked_is_redone_wider(r20, monkeypatch):
+    """When the latency model over-predicts (trial models run 35% faster than the calibrated fit says), the first
+    round lands far under the target; the allocator aims higher and keeps a less thinned model that still meets it."""
+    from compress.prune import targets
+
+    model, spec = r20.model, r20.spec
+    flops0 = count_flops(model, SHAPE)
+    calls = []
+
+    def fake_ms(m, s, threads=1):  # calls 1-6 calibrate on the true curve; trials run 35% faster than it
+        calls.append(1)
+        return (0.1 + 0.4 * count_flops(m, SHAPE) / flops0) * (0.65 if len(calls) > 6 else 1.0)
+
+    monkeypatch.setattr(targets, "measure_model_ms", fake_ms)
+    cfg = targets.TargetConfig(speedup_target=1.4, bn_recalibration=0)
+    keep, info = targets._plan_latency(model, spec, spec.example(1), l1_scores(model), cfg, True, "mean", None)
+    rounds, target = info["rounds"], info["latency_target_ms"]
+    assert rounds[0]["measured_ms"] < targets.LATENCY_SLACK * target and len(rounds) > 1
+    assert rounds[1]["internal_target_ms"] > rounds[0]["internal_target_ms"]
+    assert rounds[1]["flops_fraction"] > rounds[0]["flops_fraction"]
+    assert info["latency_measured_ms"] <= target * targets.LATENCY_TOLERANCE
+    assert info["latency_measured_ms"] == max(r["measured_ms"] for r in rounds
+                                              if r["measured_ms"] <= target * targets.LATENCY_TOLERANCE)
+    assert info["latency_measured_ms"] > rounds[0]["measured_ms"]
+
+
+def test_latency_allocation_is_maximal_under_its_goal(r20, monkeypatch):
+    """No thinned group of the latency allocation can take one grid step back without the latency model predicting
+    more than the goal: what the greedy's last (possibly big) step overshot is given back."""
+    from compress.prune import targets
+
+    seen = {}
+    real_fill = targets.greedy_fill
+
+    def spy(wm, imp, cost, target, keep, step=1, next_width_up=None):
+        out = real_fill(wm, imp, cost, target, keep, step, next_width_up)
+        seen.update(wm=wm, cost=cost, goal=target, after=out, up=next_width_up)
+        return out
+
+    monkeypatch.setattr(targets, "greedy_fill", spy)
+    keep, info = _plan_with_noisy_reading(r20, monkeypatch, 1.0, 0)
+    assert keep == seen["after"]  # the last round's allocation, the one that met the target
+    wm, cost, goal = seen["wm"], seen["cost"], seen["goal"]
+    widths = wm.widths_of(keep)
+    assert cost(widths) <= goal and keep
+    for g in keep:
+        for w in seen["up"](g, widths[g])[:1]:
+            assert cost({**widths, g: w}) > goal, (g, widths[g], w)
 
 
 def test_widths_reproduce_a_greedy_allocation_channel_for_channel(r20):
