@@ -17,6 +17,7 @@ import click
 
 from compress.errors import GateFailed, UserError
 from compress.recipe import Recipe
+from exporters.base import PRECISIONS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -74,9 +75,23 @@ def method_options(family: str):
     return deco, sorted(seen)
 
 
+def parse_shape(text: str | None, option: str = "--input-shape") -> tuple[int, ...] | None:
+    """'3,32,32' -> (3, 32, 32); a clear error for anything else."""
+    if not text:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise UserError(f"{option} {text!r}: give positive integers separated by commas, without the batch, e.g. 3,32,32")
+    return shape
+
+
 def _recipe(model: str, kw: dict, stages: list[dict]) -> Recipe:
     data = {"train": kw.get("train"), "calib": kw.get("calib"), "eval": list(kw.get("eval_data") or [])}
-    shape = [int(s) for s in kw["input_shape"].split(",")] if kw.get("input_shape") else None
+    shape = parse_shape(kw.get("input_shape"))
+    shape = list(shape) if shape else None
     return Recipe(model=model, stages=stages, arch=kw.get("arch"), trust_pickle=kw.get("trust_pickle", False),
                   input_shape=shape, data={k: v for k, v in data.items() if v}, seed=kw.get("seed", 0))
 
@@ -133,8 +148,8 @@ def info(model: Path, as_json: bool, **kw) -> None:
 @cli.command("eval", context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", "data", multiple=True, required=True, help="Labeled data, e.g. cifar10:test.npz (repeatable).")
-@click.option("--runtime", help="For artifacts: onnxruntime | openvino (default: from the file type).")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--runtime", help="For artifacts: onnxruntime | openvino | tensorrt | torch (default: from the file type).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def eval_(model: Path, data: tuple[str, ...], runtime: str | None, batch_size: int, as_json: bool, **kw) -> None:
@@ -148,7 +163,7 @@ def eval_(model: Path, data: tuple[str, ...], runtime: str | None, batch_size: i
 def _recipe_load(model: Path, kw: dict):
     from compress.io import load_model
 
-    shape = tuple(int(s) for s in kw["input_shape"].split(",")) if kw.get("input_shape") else None
+    shape = parse_shape(kw.get("input_shape"))
     return load_model(model, arch=kw.get("arch"), trust_pickle=kw.get("trust_pickle", False), input_shape=shape)
 
 
@@ -192,19 +207,25 @@ lowrank = _compress_verb("lowrank", "Factorize MODEL's Linear and Conv layers in
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Bake this batch size into the artifact (default: a dynamic batch axis). A fixed shape lets the "
                    "runtime plan for it: OpenVINO runs batch 1 10-20% faster.")
-@click.option("--precision", default="auto", show_default=True,
-              help="auto (the model's own) | fp32 | fp16 | int8 (needs a quantized model).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="auto: the model's own (fp32, or the grid it was quantized to). int8/int4/int2 need a quantized "
+                   "model; int8 keeps 4/2-bit grids in int8 containers.")
 @model_options
 @data_options
 @output_options
 def export(model: Path, fmt: str, batch: int | None, precision: str, output: Path | None, as_json: bool,
            save_recipe: Path | None, **kw) -> None:
-    """Export MODEL to a runtime format; the artifact is kept only if it matches torch (parity check)."""
+    """Export MODEL to a runtime format; the artifact is kept only if it matches torch (parity check).
+
+    Parity runs torch and the artifact on the same images: the --calib or --eval-data images when given, else
+    seeded random inputs (which exercise the graph but say less about real-data agreement)."""
+    from compress.fileio import check_output_file
     from compress.report import print_artifacts
     from exporters import EXPORTERS, SUFFIX
 
     EXPORTERS.get(fmt)
     out = Path(output) if output else Path(model.stem + SUFFIX.get(fmt, "." + fmt))
+    check_output_file(out, create_parent=False)  # before the model loads: a folder or unwritable place fails at once
     stage = {"stage": "export", "formats": [fmt], "precision": precision, "variants": ["original"], "output": str(out)}
     if batch:
         stage["batch"] = batch
@@ -233,13 +254,17 @@ def export(model: Path, fmt: str, batch: int | None, precision: str, output: Pat
 @click.option("--reference", type=click.Path(path_type=Path),
               help="Model or artifact whose top-1 on --accuracy-data is the accuracy.drop reference.")
 @click.option("--reference-arch", help="Architecture of --reference when it is a state dict (e.g. resnet20).")
+@click.option("--trust-pickle", is_flag=True, help="Allow --reference to be a pickled full module (runs code from the file).")
+@click.option("--input-shape", help="Input shape without batch, e.g. 3,32,32, for artifacts that do not record one "
+                                    "(TorchScript).")
 @click.option("--junit", type=click.Path(path_type=Path), help="Write the gates as JUnit XML (one testcase each).")
 @click.option("--summary", type=click.Path(path_type=Path), help="Write a markdown summary (for $GITHUB_STEP_SUMMARY).")
 @output_options
 def profile(artifact: Path, runtime: str | None, device: str, threads: int | None, warmup: int, iterations: int,
             batch: int, budget: str | None, baseline: Path | None, max_slowdown: str, alpha: float,
-            accuracy_data: str | None, reference: Path | None, reference_arch: str | None, junit: Path | None,
-            summary: Path | None, output: Path | None, as_json: bool) -> None:
+            accuracy_data: str | None, reference: Path | None, reference_arch: str | None, trust_pickle: bool,
+            input_shape: str | None, junit: Path | None, summary: Path | None, output: Path | None,
+            as_json: bool) -> None:
     """Measure load time, latency (p50/p90/p99, CI) and peak memory of ARTIFACT in a fresh process.
 
     With --budget and/or --baseline it is a CI gate: exit 1 when a budget is exceeded or the artifact is
@@ -247,16 +272,23 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
     (-o): then it is gated as it is, without measuring again.
     """
     from compress import gates
-    from compress.fileio import atomic_path
+    from compress.fileio import atomic_path, check_output_file
     from compress.report import console
     from devices.profile import load_profile, render_table
 
     # everything a typo can break is checked before the (slow) measurement
+    shape = parse_shape(input_shape)
+    for path in (output, junit, summary):
+        if path is not None:
+            check_output_file(path, create_parent=False)
     budgets = gates.parse_budget(budget)
     slowdown = gates.parse_fraction(max_slowdown, "--max-slowdown")
     if not 0 < alpha < 1:
         raise UserError(f"--alpha must be between 0 and 1 (got {alpha})")
     base = load_profile(baseline) if baseline else None
+    if base is not None and artifact.suffix.lower() != ".json" and base.get("settings", {}).get("batch") != batch:
+        raise UserError(f"baseline was measured at batch {base.get('settings', {}).get('batch')}, this profile would "
+                        f"be at batch {batch}: not comparable (give --batch {base.get('settings', {}).get('batch')})")
     if reference and not accuracy_data:
         raise UserError("--reference is evaluated on --accuracy-data: give both")
     if gates.needs_accuracy(budgets) and not accuracy_data and not artifact.suffix.lower() == ".json":
@@ -278,10 +310,12 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
         from devices import profile_artifact
 
         prof = profile_artifact(str(artifact), runtime=runtime, device=device, threads=threads, warmup=warmup,
-                                iterations=iterations, batch=batch)
+                                iterations=iterations, batch=batch, shape=shape)
         if accuracy_data:
-            prof["accuracy"] = gates.measure_accuracy(artifact, accuracy_data, runtime)
-    ref = [gates.measure_accuracy(reference, accuracy_data, arch=reference_arch)] if reference else None
+            prof["accuracy"] = gates.measure_accuracy(artifact, accuracy_data, runtime,
+                                                      load_kw={"input_shape": shape} if shape else None)
+    ref = [gates.measure_accuracy(reference, accuracy_data, arch=reference_arch,
+                                  load_kw={"trust_pickle": trust_pickle})] if reference else None
     if output and artifact.resolve() != Path(output).resolve():
         with atomic_path(output) as tmp:
             tmp.write_text(json.dumps(prof, indent=2))
@@ -313,7 +347,8 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
 @click.argument("recipe", type=click.Path(path_type=Path))
 @output_options
 def run(recipe: Path, output: Path | None, as_json: bool) -> None:
-    """Run a YAML recipe (stages: eval, prune, quantize, lowrank, export, profile) into one output folder."""
+    """Run a YAML recipe (stages: eval, prune, quantize, lowrank, export, profile) into one output folder
+    (-o; default out/NAME, NAME being the recipe's `name:` or its file name)."""
     from compress.report import print_run
 
     r = Recipe.load(recipe)
@@ -325,13 +360,13 @@ def run(recipe: Path, output: Path | None, as_json: bool) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-n", "--samples", type=int, default=1024, show_default=True, help="Images to synthesize.")
+@click.option("-n", "--samples", type=click.IntRange(min=1), default=1024, show_default=True, help="Images to synthesize.")
 @click.option("--preset", type=click.Choice(["paper", "fast", "smoke"]), default="paper", show_default=True,
               help="Genie-D budget: paper (4000 iterations per batch of 128, generator width 128: GPU-hours), "
                    "fast (200 iterations, width 64: minutes per 128 images on a CPU), smoke.")
-@click.option("--iters", type=int, help="Iterations per batch (overrides the preset).")
-@click.option("--batch", type=int, help="Images per generator batch (overrides the preset).")
-@click.option("--gen-width", type=int, help="Generator width c1; c2 = c1 / 2 (overrides the preset).")
+@click.option("--iters", type=click.IntRange(min=1), help="Iterations per batch (overrides the preset).")
+@click.option("--batch", type=click.IntRange(min=1), help="Images per generator batch (overrides the preset).")
+@click.option("--gen-width", type=click.IntRange(min=2), help="Generator width c1; c2 = c1 / 2 (overrides the preset).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @model_options
 @output_options
@@ -383,6 +418,11 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # one line, like every other error; the usage text is one --help away
+        ctx = e.ctx
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(2)

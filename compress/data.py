@@ -53,7 +53,9 @@ class Dataset:
 def load_dataset(spec: str, input_shape: tuple[int, ...] = (3, 32, 32), seed: int = 0) -> Dataset:
     kind, _, rest = spec.partition(":")
     if kind == "random":
-        n = int(rest) if rest else 64
+        n = int(rest) if rest.isdigit() else -1 if rest else 64
+        if n < 1:
+            raise UserError(f"data {spec!r}: random:N takes a positive count of inputs, e.g. random:64")
         g = torch.Generator().manual_seed(seed)
         x = torch.randn((n, *input_shape), generator=g).numpy()
         return Dataset(x, None, f"random:{n}", prenormalized=True)
@@ -62,10 +64,12 @@ def load_dataset(spec: str, input_shape: tuple[int, ...] = (3, 32, 32), seed: in
     if kind == "folder":
         return _load_folder(Path(rest), input_shape)
     path = Path(spec)
-    if path.suffix == ".npz":
+    if path.suffix == ".npz" and (rest == "" or path.exists()):
         return _load_npz(path)
     if path.is_dir():
         return _load_folder(path, input_shape)
+    if rest and not path.exists():
+        raise UserError(f"data {spec!r}: unknown source {kind!r}; use cifar10:PATH.npz, folder:DIR or random[:N]")
     raise UserError(f"cannot read data {spec!r}: use cifar10:PATH.npz, folder:DIR or random[:N]")
 
 
@@ -83,14 +87,22 @@ def _load_npz(path: Path) -> Dataset:
         raise UserError(f"{path}: not a readable .npz file ({e})") from None
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise UserError(f"{path}: 'x' must be N x H x W x C images, got shape {x.shape}")
+    if x.dtype != np.uint8:  # float images in [0, 1] would be read as 0/255 pixel values: wrong, silently
+        raise UserError(f"{path}: 'x' must be uint8 pixels (0-255), got {x.dtype}")
+    if not len(x):
+        raise UserError(f"{path}: holds no images")
     if y is not None and len(y) != len(x):
         raise UserError(f"{path}: 'y' has {len(y)} labels for {len(x)} images")
+    if y is not None and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0):
+        raise UserError(f"{path}: 'y' must be class indices (integers >= 0), got {y.dtype} from {y.min()} to {y.max()}")
     return Dataset(x, None if y is None else y.astype(np.int64), str(path))
 
 
 def _load_folder(path: Path, input_shape: tuple[int, ...]) -> Dataset:
     from PIL import Image
 
+    if not path.is_dir():
+        raise UserError(f"data folder not found: {path}")
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise UserError(f"{path}: expected one subfolder of images per class")

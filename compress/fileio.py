@@ -18,16 +18,30 @@ def ensure_writable_dir(path: Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output folder {path}: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK):
-        raise UserError(f"output folder is not writable: {path}")
+    # a real write, not os.access: root passes access checks on read-only mounts and pseudo file systems (/proc)
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"output folder is not writable: {path} ({e.strerror or e})") from None
+    return path
+
+
+def check_output_file(path: Path, create_parent: bool = True) -> Path:
+    """Fail before any work if `path` cannot become a file: it is a folder, or its folder is not writable.
+    create_parent=False: a folder that does not exist yet is left for the run to create (and to remove if it fails)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a file name")
+    if create_parent or path.parent.exists():
+        ensure_writable_dir(path.parent)
     return path
 
 
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it into place only if the block succeeds."""
-    final = Path(final)
-    ensure_writable_dir(final.parent)
+    final = check_output_file(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)

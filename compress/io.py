@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
+import types
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from compress.errors import UserError
+from compress.errors import UserError, first_line
 from compress.fileio import atomic_path, sha256_file
 from compress.structure import conform_to_state_dict, replay
 from compress.zoo import ARCHS, CIFAR_MEAN, CIFAR_STD
@@ -90,8 +91,10 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
         raise UserError(f"model file not found: {path}")
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a model file")
-    digest = sha256_file(path)
+    if not path.is_file():  # a device or a FIFO: hashing it would never end
+        raise UserError(f"{path} is not a regular file")
     kind = _sniff(path)
+    digest = sha256_file(path)
     if kind == "export":
         lm = _load_export(path)
     elif kind == "torchscript":
@@ -120,12 +123,27 @@ def _check_input_shape(lm: LoadedModel) -> None:
             lm.model.eval()(lm.spec.example(batch=1))
     except Exception as e:  # noqa: BLE001 - any failure means the shape does not fit
         raise UserError(f"input shape {tuple(lm.spec.shape)} does not fit {lm.source}: "
-                        f"{str(e).splitlines()[0][:160]}") from None
+                        f"{first_line(e, 160)}") from None
+
+
+# artifacts people pass to the torch verbs by mistake, by suffix (only consulted for files torch cannot read)
+ARTIFACT_SUFFIXES = {".onnx": "an ONNX", ".ort": "an ONNX Runtime (.ort)", ".xml": "an OpenVINO IR", ".bin": "an OpenVINO IR",
+                     ".engine": "a TensorRT", ".plan": "a TensorRT", ".tflite": "a TFLite"}
 
 
 def _sniff(path: Path) -> str:
     if not zipfile.is_zipfile(path):
-        return "torch"
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80":  # a pickle protocol 2+ header: torch.save's legacy format, or a pickled object
+            return "torch"
+        if head == b"PK" or not head:  # a zip archive's first bytes without its directory at the end: cut short
+            raise UserError(f"{path}: corrupt or truncated model file")
+        what = ARTIFACT_SUFFIXES.get(path.suffix.lower())
+        if what:
+            raise UserError(f"{path} is {what} artifact, not a torch model: this verb needs the torch model it was "
+                            f"exported from (`compress profile` and `compress eval` take artifacts)")
+        raise UserError(f"{path} is not a PyTorch model file (not a torch.save, torch.export or TorchScript archive)")
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
@@ -148,11 +166,11 @@ def _torch_load_safe(path: Path, trust_pickle: bool):
             raise UserError(f"{path} is a pickled Python object (e.g. a whole nn.Module); loading it would run code "
                             f"from the file. Save model.state_dict() instead, or pass --trust-pickle if you trust its source") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: corrupt or truncated model file ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"{path}: corrupt or truncated model file ({first_line(e, 120)})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - the user opted into running the file's code; report what broke
-        raise UserError(f"{path}: unpickling failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"{path}: unpickling failed ({type(e).__name__}: {first_line(e, 120)})") from None
 
 
 def _unwrap_state_dict(obj: dict) -> dict[str, torch.Tensor]:
@@ -212,7 +230,7 @@ def _from_saved(obj: dict, source: str) -> LoadedModel:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{source}: weights do not fit the recorded structure ({str(e).splitlines()[0][:160]})") from None
+        raise UserError(f"{source}: weights do not fit the recorded structure ({first_line(e, 160)})") from None
     return LoadedModel(model, spec, "compress", source, arch, dict(kwargs), list(edits), list(obj.get("history", [])))
 
 
@@ -223,7 +241,45 @@ def _load_export(path: Path) -> LoadedModel:
         raise UserError(f"{path}: cannot load torch.export program ({type(e).__name__})") from None
     args = ep.example_inputs[0] if ep.example_inputs else ()
     shape = tuple(args[0].shape[1:]) if args else (3, 32, 32)
-    return LoadedModel(ep.module(), InputSpec(shape), "export", str(path))
+    module = ep.module()
+    # an exported program's train/eval behaviour was fixed when it was exported, and torch refuses .eval() on it
+    # ("not supported yet"); every verb calls .eval(), so here it is a no-op
+    module.train = types.MethodType(lambda self, mode=True: self, module)
+    module.eval = types.MethodType(lambda self: self, module)
+    batch = _static_batch(ep)
+    if batch is not None:  # exported without a dynamic batch: evaluation and parity batches go through in slices
+        module = _FixedBatch(module, batch)
+    return LoadedModel(module, InputSpec(shape, batch=batch), "export", str(path))
+
+
+def _static_batch(ep) -> int | None:
+    """The batch size an exported program was traced at, if its batch dimension is not dynamic."""
+    names = set(ep.graph_signature.user_inputs)
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in names:
+            val = node.meta.get("val")
+            return int(val.shape[0]) if val is not None and val.ndim and isinstance(val.shape[0], int) else None
+    return None
+
+
+class _FixedBatch(nn.Module):
+    """A program that only takes batches of `batch`: larger batches run in slices of it (the last one padded)."""
+
+    def __init__(self, inner: nn.Module, batch: int):
+        super().__init__()
+        self.inner, self.batch = inner, batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == self.batch:
+            return self.inner(x)
+        outs = []
+        for i in range(0, x.shape[0], self.batch):
+            chunk = x[i:i + self.batch]
+            n = chunk.shape[0]
+            if n < self.batch:
+                chunk = torch.cat([chunk, chunk[-1:].expand(self.batch - n, *chunk.shape[1:])])
+            outs.append(self.inner(chunk)[:n])
+        return torch.cat(outs)
 
 
 def _load_torchscript(path: Path, input_shape: tuple[int, ...] | None) -> LoadedModel:

@@ -47,6 +47,10 @@ def predict(forward: Callable[[torch.Tensor], torch.Tensor], ds: Dataset, norm: 
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    if len(labels) and labels.max() >= logits.shape[1]:  # else every such image counts as a silent miss
+        from compress.errors import UserError
+        raise UserError(f"the labels go up to {labels.max()} but the model has {logits.shape[1]} outputs: "
+                        f"data and model do not match")
     return float((logits.argmax(1) == labels).mean() * 100.0)
 
 

@@ -92,6 +92,7 @@ class Pipeline:
                  manifest_name: str = "manifest.json"):
         self.manifest_name = manifest_name
         self.recipe = recipe
+        self._made_out_dir = out_dir is not None and not Path(out_dir).exists()
         self.out_dir = ensure_writable_dir(Path(out_dir)) if out_dir is not None else None
         self.write_manifest = write_manifest and self.out_dir is not None
         self.result = RunResult()
@@ -103,17 +104,38 @@ class Pipeline:
     def _validate(self) -> None:
         """Check every stage's method and options before any work starts: a typo fails in a second."""
         fams = families()
+        quantized_by = None
         for s in self.recipe.stages:
+            if s["stage"] in ("prune", "lowrank") and quantized_by is not None:
+                raise UserError(f"stage {s['stage']} comes after {quantized_by}: {s['stage']} the float model, then "
+                                f"quantize (put the quantize stage last)")
+            if s["stage"] == "quantize":
+                quantized_by = f"quantize ({s.get('method', '?')})"
+            name = s.get("name")
+            if name is not None and (not isinstance(name, str) or not name or Path(name).name != name or name in (".", "..")):
+                raise UserError(f"stage {s['stage']}: name {name!r} must be a plain file name (no folders): the stage's "
+                                f"files go into the output folder")
             if s["stage"] in fams:
                 if "method" not in s:
                     raise UserError(f"stage {s['stage']}: needs `method:` (one of {', '.join(fams[s['stage']].names())})")
                 method = fams[s["stage"]].get(s["method"])
-                build_config(method, {k: v for k, v in s.items() if k not in STAGE_KEYS})
+                cfg = build_config(method, {k: v for k, v in s.items() if k not in STAGE_KEYS})
+                if getattr(cfg, "finetune_epochs", 0) and not self.recipe.data.get("train"):
+                    raise UserError(f"stage {s['stage']}: finetune_epochs {cfg.finetune_epochs} needs train data: pass "
+                                    f"--data (or `data: {{train: ...}}` in the recipe)")
             elif s["stage"] == "export":
                 from exporters import EXPORTERS
 
+                from exporters.base import PRECISIONS
+
                 for f in s.get("formats", ["onnx"]):
                     EXPORTERS.get(f)
+                if s.get("precision", "auto") not in PRECISIONS:
+                    raise UserError(f"export: unknown precision {s['precision']!r} (one of {', '.join(PRECISIONS)})")
+                if "ort" in s.get("formats", ["onnx"]) and s.get("precision") == "fp16":
+                    from exporters.ort import FP16_REFUSAL
+
+                    raise UserError(FP16_REFUSAL)
                 if s.get("batch") is not None:
                     _check_positive_int(s["batch"], "export: batch", " (a fixed batch size)")
             elif s["stage"] == "profile":
@@ -140,6 +162,15 @@ class Pipeline:
 
     # ---- stages ------------------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        except BaseException:
+            # a run that fails before writing anything leaves no trace: not even the folder it created
+            if self._made_out_dir and self.out_dir.is_dir() and not any(self.out_dir.iterdir()):
+                self.out_dir.rmdir()
+            raise
+
+    def _run(self) -> RunResult:
         self._validate()
         self._load()
         try:
@@ -169,17 +200,29 @@ class Pipeline:
         cfg = build_config(method, {k: v for k, v in stage.items() if k not in STAGE_KEYS})
         src = self.result.current
         src.lm.require_compressible(stage["stage"])
+        if stage["stage"] in ("prune", "lowrank"):
+            from exporters.onnx import model_precision
+
+            if model_precision(src.lm.model) != "fp32":  # the fake-quant wrappers would be dropped or break shapes
+                raise UserError(f"{src.lm.source} is quantized ({model_precision(src.lm.model)}): {stage['stage']} the "
+                                f"float model, then quantize")
         if hasattr(cfg, "check_model"):  # options that only make sense for some models: refuse before any work
             cfg.check_model(src.lm)
         log(f"[bold]{stage['stage']}[/] {method.name} on {src.name}")
         lm = method.apply(_clone(src.lm), cfg, self.ctx)
         name = self._unique(stage.get("name") or DEFAULT_NAMES[stage["stage"]])
         variant = Variant(name, lm, self._model_metrics(lm, name))
-        if stage.get("output") or self.out_dir is not None:
+        dry_run = bool(lm.history and lm.history[-1].get("dry_run"))
+        if dry_run:  # a plan to look at: nothing is written, not even the manifest
+            self.write_manifest = False
+        elif stage.get("output") or self.out_dir is not None:
             variant.path = str(save_model(lm, Path(stage.get("output") or self.out_dir / f"{name}.pt")))
         self.result.variants[name] = variant
-        return {"method": method.name, "config": _jsonable(cfg.__dict__), "input": src.name, "output": name,
-                "metrics": variant.metrics, "path": variant.path}
+        record = {"method": method.name, "config": _jsonable(cfg.__dict__), "input": src.name, "output": name,
+                  "metrics": variant.metrics, "path": variant.path}
+        if dry_run:
+            record.update(dry_run=True, plan=lm.history[-1].get("plan"))
+        return record
 
     _stage_prune = _stage_quantize = _stage_lowrank = _compress
 
@@ -196,12 +239,13 @@ class Pipeline:
         parity_x = self._parity_images()
         made = []
         for v in variants:
-            if v.lm.kind == "torchscript":
-                raise UserError(f"{v.lm.source}: TorchScript models are profiled as they are; export needs a torch module")
             for fmt in formats:
                 path = Path(stage["output"]) if stage.get("output") else self.out_dir / f"{v.name}{SUFFIX.get(fmt, '.' + fmt)}"
+                if fmt in ("openvino", "ort"):  # these exporters name their files by suffix: log what they write
+                    path = path.with_suffix(SUFFIX[fmt])
                 log(f"[bold]export[/] {v.name} -> {path.name}")
-                spec = replace(v.lm.spec, batch=batch)  # batch None: a dynamic batch axis
+                # batch None: a dynamic batch axis, unless the model only takes one batch size (a static .pt2)
+                spec = replace(v.lm.spec, batch=batch or v.lm.spec.batch)
                 art = EXPORTERS.get(fmt)(v.lm.model, spec, path, precision, parity_x).to_dict()
                 art["variant"] = v.name
                 if stage.get("eval", True) and self.eval_sets:

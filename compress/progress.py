@@ -11,7 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 T = TypeVar("T")
 _quiet = False
-console = Console(stderr=True)
+# piped or redirected (CI logs), rich would cut tables such as the lowrank plan to 80 columns
+console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
 
 
 def set_quiet(quiet: bool) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from compress.errors import UserError
+from compress.errors import UserError, first_line
 
 TOP_KEYS = {"model", "arch", "trust_pickle", "input_shape", "data", "seed", "stages", "name"}
 DATA_ROLES = {"train", "calib", "eval"}
@@ -76,14 +76,14 @@ class Recipe:
         try:
             d = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{path}: not valid YAML ({first_line(e)})") from None
         return cls.from_dict(d, base=path.resolve().parent)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, {}, []) and not (k == "trust_pickle" and not v)}
 
     def save(self, path: Path) -> None:
-        """Write the recipe with paths relative to its own folder (how `Recipe.load` reads them back).
+        """Write the recipe with relative paths rebased on its own folder (how `Recipe.load` reads them back).
 
         Explicit per-stage output paths are dropped: a replayed recipe writes into its own output folder.
         """
@@ -122,9 +122,11 @@ def _map_spec_path(spec: str, fn) -> str:
 
 
 def _relative(p: str, base: Path) -> str:
+    """An absolute path stays absolute (the recipe can move); a relative one (to the caller's folder) is rebased on
+    the recipe's folder, where `Recipe.load` resolves it."""
     import os
 
-    return os.path.relpath(Path(p).resolve(), base)
+    return p if Path(p).is_absolute() else os.path.relpath(Path(p).resolve(), base)
 
 
 def _relative_spec(spec: str, base: Path) -> str:

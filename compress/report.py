@@ -29,7 +29,7 @@ def fmt_count(n: float | None) -> str:
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"
-    for unit, div in (("MB", 1 << 20), ("kB", 1 << 10)):
+    for unit, div in (("MB", 1e6), ("kB", 1e3)):  # powers of 1000, as the labels (and --budget size=) read
         if n >= div:
             return f"{n / div:.2f} {unit}"
     return f"{int(n)} B"
@@ -91,7 +91,7 @@ def print_kv(title: str, d: dict[str, Any]) -> None:
 def print_stage(record: dict, result) -> None:
     before = result.variants["original"].metrics
     after = record["metrics"]
-    t = Table(title=f"{record['stage']} {record['method']} -> {record['path']}")
+    t = Table(title=f"{record['stage']} {record['method']} -> {record['path'] or 'dry run: nothing written'}")
     t.add_column("")
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")
@@ -132,7 +132,7 @@ def short_names(names: list[str]) -> list[str]:
 def rows_table(rows: list[dict], eval_names: list[str], title: str = "results") -> Table:
     t = Table(title=title)
     cols = ["model", "format", "precision", *[f"top-1 {n}" for n in short_names(eval_names)], "params", "FLOPs", "size",
-            "p50 ms", "p90 ms", "peak MB"]
+            "p50 ms", "p90 ms", "peak MiB"]
     for c in cols:
         t.add_column(c, justify="left" if c in ("model", "format", "precision") else "right")
     for r in rows:

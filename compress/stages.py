@@ -41,7 +41,8 @@ class Context:
             spec = self.data.get("train")
         if spec is None:
             if required:
-                raise UserError(f"this stage needs {role} data: pass --data/--calib (or `data: {role}:` in the recipe)")
+                flag = "--calib (or --data)" if role == "calib" else "--data" if role == "train" else f"--{role}"
+                raise UserError(f"this stage needs {role} data: pass {flag} (or `data: {role}:` in the recipe)")
             return None
         if spec not in self._cache:
             self._cache[spec] = load_dataset(spec, self.spec.shape, self.seed)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-from compress.errors import UserError
+from compress.errors import UserError, first_line
 from devices.base import Device, ProfileOptions
 
 CATALOG = Path(__file__).with_name("catalog.yaml")
@@ -267,7 +267,7 @@ def analyze(path: str | Path, batch: int = 1, sample_shape: tuple[int, ...] | No
     try:
         inferred = shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path.name}: ONNX shape inference failed ({str(e).splitlines()[0][:160]})") from None
+        raise UserError(f"{path.name}: ONNX shape inference failed ({first_line(e, 160)})") from None
 
     shapes: dict[str, tuple[list[int], int]] = {}
     for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:

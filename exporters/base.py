@@ -16,6 +16,7 @@ from compress.io import InputSpec
 # max |torch - runtime| relative to the logits' range, and the share of inputs whose top-1 must agree
 # Sub-8-bit grids: graphs with identical integer values still differ by float rounding order between torch
 # and a runtime (measured up to 2.9 logits, ~95% agreement with 4-bit activations), hence the wider bounds.
+PRECISIONS = ("auto", "fp32", "fp16", "int8", "int4", "int2")  # what `compress export --precision` (and recipes) take
 TOLERANCES = {"fp32": (1e-4, 1.0), "fp16": (2e-2, 0.97), "int8": (0.1, 0.95), "int4": (0.25, 0.9), "int2": (0.25, 0.9)}
 
 

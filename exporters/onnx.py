@@ -16,7 +16,7 @@ import onnx
 import torch
 import torch.nn as nn
 
-from compress.errors import UserError
+from compress.errors import UserError, first_line
 from compress.exportable import exportable
 from compress.fileio import atomic_path
 from compress.io import InputSpec
@@ -145,7 +145,7 @@ def _torch_to_onnx(model: nn.Module, spec: InputSpec, path: Path, opset: int) ->
                               input_names=[spec.name], output_names=[OUTPUT_NAME],
                               dynamic_axes=dynamic)
     except Exception as e:  # noqa: BLE001 - exporter failures come in many types; report the first line
-        raise UserError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"ONNX export failed: {type(e).__name__}: {first_line(e, 200)}") from None
 
 
 def _to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:

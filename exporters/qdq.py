@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from compress.errors import first_line
+
 # ops a weight's exported quantizer chain may hold (the clamp of a narrow grid, exporter Identity copies)
 _FOLDABLE = {"Identity", "Max", "Min", "Clip", "Mul", "Div", "Add", "Sub", "Neg", "Cast", "Reshape", "Transpose",
              "Unsqueeze", "Squeeze", "Round", "Floor", "Ceil"}
@@ -336,7 +338,7 @@ def ort_rejects(onnx_path: str | Path, level: str = "all") -> str | None:
     try:
         ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises several types; the message is the finding
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        return f"{type(e).__name__}: {first_line(e, 300)}"
     return None
 
 

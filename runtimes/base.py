@@ -79,13 +79,13 @@ class TensorInfo:
         if sample_shape is not None:
             return (batch, *sample_shape)
         if self.shape is None:
-            raise UserError(f"input {self.name!r}: the artifact does not record its shape; give one with --shape C,H,W")
+            raise UserError(f"input {self.name!r}: the artifact does not record its shape; give one with --input-shape C,H,W")
         head, rest = self.shape[0] if self.shape else None, self.shape[1:]
         if isinstance(head, int) and head != batch:
             raise UserError(f"input {self.name!r} has a fixed batch of {head}: use --batch {head}, or export with a dynamic "
                             f"batch for --batch {batch}")
         if any(not isinstance(d, int) for d in rest):
-            raise UserError(f"input {self.name!r} has dynamic dimensions {list(self.shape)}; give one with --shape C,H,W")
+            raise UserError(f"input {self.name!r} has dynamic dimensions {list(self.shape)}; give one with --input-shape C,H,W")
         return (batch, *rest)  # type: ignore[return-value]
 
     def to_dict(self) -> dict:

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compress.errors import UserError
+from compress.errors import UserError, first_line
 from compress.zoo.resnet_cifar import ShortcutA
 
 CONV = nn.modules.conv._ConvNd
@@ -51,7 +51,7 @@ def trace(model: nn.Module, who: str = "this method") -> fx.GraphModule:
         graph = _Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 - fx raises many types for data-dependent control flow
         raise UserError(f"{who} needs a model torch.fx can trace ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]})") from None
+                        f"{first_line(e, 120)})") from None
     return fx.GraphModule(model, graph)
 
 

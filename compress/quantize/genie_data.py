@@ -128,7 +128,7 @@ def check_synthesizable(model: nn.Module, shape: tuple[int, ...]) -> None:
     if not bn_layers(model):
         raise UserError("this model has no BatchNorm2d layer with running statistics, and Genie-D synthesizes "
                         "data from them (a quantized or BN-folded model has none: use the float model); "
-                        "pass real calibration data instead (--calib DATA.npz) or --calib noise")
+                        "quantize with real calibration data instead (compress quantize --calib DATA.npz, or --calib noise)")
 
 
 def distillation_copy(model: nn.Module, jitter: int, generator: torch.Generator | None = None) -> nn.Module:

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from compress.errors import UserError
+from compress.errors import UserError, first_line
 from compress.quantize.fakequant import ActQuantizer, FakeQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
 from compress.structure import EDITS
 from compress.zoo.resnet_cifar import ShortcutA
@@ -77,7 +77,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         graph = _Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 - fx raises many types for data-dependent control flow
         raise UserError(f"cannot trace {type(model).__name__} with torch.fx for quantization "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+                        f"({type(e).__name__}: {first_line(e, 160)})") from None
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 

@@ -62,6 +62,7 @@ class NNCFConfig(MethodConfig):
     nncf_preset: str = option("performance", "NNCF preset: symmetric (performance) or asymmetric (mixed) activations",
                               PRESETS)
     fast_bias_correction: bool = option(True, "NNCF's Fast Bias Correction after range setting")
+    bits: str = option("w8a8", "NNCF's PTQ is 8-bit: w8a8 only (accepted so scripts can always pass --bits)", ("w8a8",))
 
     def validate(self) -> None:
         if self.calib_size < 1:

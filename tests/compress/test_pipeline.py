@@ -84,8 +84,17 @@ def test_verb_save_recipe_replays_to_the_same_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     recipe = yaml.safe_load((tmp_path / "r.yaml").read_text())
     assert recipe["stages"][0]["method"] == "l1" and recipe["stages"][0]["ratio"] == 0.5
+    assert recipe["model"] == str(RESNET20.resolve())  # absolute stays absolute: the recipe can be moved
     proc = run_cli("run", tmp_path / "r.yaml", "-o", tmp_path / "replay")
     assert proc.returncode == 0, proc.stderr
     a, b = load_model(tmp_path / "a.pt").model, load_model(tmp_path / "replay" / "a.pt").model
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(a(x), b(x))
+
+
+def test_first_line_of_an_exception():
+    from compress.errors import first_line
+
+    assert first_line(EOFError()) == "EOFError"  # torch.load of a cut file raises one with no message
+    assert first_line(ValueError("\n  bad thing\nmore")) == "bad thing"
+    assert first_line(ValueError("x" * 500), 10) == "x" * 10

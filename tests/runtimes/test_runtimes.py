@@ -87,7 +87,7 @@ def test_example_input_is_seeded_and_shaped(artifacts):
     a, b = session.example_input(batch=3, seed=7), session.example_input(batch=3, seed=7)
     assert a.shape == (3, 3, 32, 32) and a.dtype == np.float32 and np.array_equal(a, b)
     assert not np.array_equal(a, session.example_input(batch=3, seed=8))
-    with pytest.raises(UserError, match="--shape"):
+    with pytest.raises(UserError, match="--input-shape"):
         open_session(artifacts[".ts"]).example_input()
     assert open_session(artifacts[".ts"]).example_input(2, sample_shape=(3, 32, 32)).shape == (2, 3, 32, 32)
 
@@ -149,3 +149,28 @@ def test_runtimes_import_without_torch():
             "import runtimes, runtimes.onnxruntime, runtimes.openvino, runtimes.torch\n"
             "assert not [m for m, v in sys.modules.items() if m.split('.')[0] == 'torch' and v is not None]")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_cli_takes_torch_export_and_torchscript_models(artifacts, resnet20, tmp_path):
+    """The .pt2 and TorchScript inputs through the verbs a user types: export (with parity), eval, profile."""
+    import json
+
+    from tests.conftest import TEST_LOSSLESS, run_cli
+
+    static = tmp_path / "static.pt2"  # traced at batch 1 without a dynamic batch: torch guards the batch size
+    torch.export.save(torch.export.export(resnet20, (torch.randn(1, 3, 32, 32),)), str(static))
+    for model, extra in ((artifacts[".pt2"], ()), (static, ()), (artifacts[".ts"], ("--input-shape", "3,32,32"))):
+        out = tmp_path / f"{model.stem}{model.suffix.replace('.', '_')}.onnx"
+        proc = run_cli("export", model, *extra, "-o", out, "--eval-data", f"cifar10:{TEST_LOSSLESS}", "--json")
+        assert proc.returncode == 0, proc.stderr
+        art = json.loads(proc.stdout)["artifacts"][0]
+        assert art["parity"]["top1_agreement"] == 1.0 and art["parity"]["max_rel_err"] < 1e-4
+        assert art["accuracy"]["cifar10_test_lossless846"] == pytest.approx(91.73, abs=0.01)  # the published model
+        batch = open_session(out).inputs[0].shape[0]
+        assert batch == 1 if model == static else isinstance(batch, str)  # a static program exports its own batch
+    proc = run_cli("eval", static, "--data", f"cifar10:{TEST_LOSSLESS}", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["accuracy"]["cifar10_test_lossless846"] == pytest.approx(91.73, abs=0.01)
+    proc = run_cli("profile", artifacts[".ts"], "--input-shape", "3,32,32", "--iterations", "5", "--warmup", "1",
+                   "--threads", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["latency_ms"]["n"] == 5
