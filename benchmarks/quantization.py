@@ -775,6 +775,8 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="replace only the rows (and exports) this run produces in the existing quantization.json in "
                          "--out, keep the rest, recompute the goals, and record the rerun")
+    ap.add_argument("--recon-iters", help="override the preset's Genie-M iterations per unit for some bit-widths, e.g. "
+                                          "w2a4=1500 (an ablation: not with --merge, the tables keep one budget)")
     ap.add_argument("--synth-cache", type=Path,
                     help="folder for Genie-D images: reused when present (synthesis is seeded and deterministic)")
     args = ap.parse_args()
@@ -798,6 +800,16 @@ def main() -> None:
     preset = dict(PRESETS[args.preset])
     if args.jpeg_n:
         preset["jpeg_n"] = args.jpeg_n
+    if args.recon_iters:
+        if args.merge:
+            ap.error("--recon-iters is for ablations into another --out; --merge would mix budgets in one table")
+        try:
+            override = {b.strip(): int(n) for b, n in (item.split("=") for item in args.recon_iters.split(","))}
+        except ValueError:
+            ap.error("--recon-iters takes BITS=N[,BITS=N], e.g. w2a4=1500")
+        if set(override) - set(BITS) or min(override.values()) < 1:
+            ap.error(f"--recon-iters: bit-widths from {', '.join(BITS)}, iterations >= 1")
+        preset["recon_iters"] = {**preset["recon_iters"], **override}
     start, load0 = time.perf_counter(), loadavg()
     rows, exports, synthesis, diagnosis, seed_rows, draw_synthesis = [], [], {}, [], [], {}
     models = [a.strip() for a in args.models.split(",") if a.strip()]
