@@ -167,6 +167,15 @@ def _recipe_load(model: Path, kw: dict):
     return load_model(model, arch=kw.get("arch"), trust_pickle=kw.get("trust_pickle", False), input_shape=shape)
 
 
+def _option_names(message: str, fields: list[str]) -> str:
+    """Recipe keys with an underscore, as whole words in `message`, written as the CLI options they come from."""
+    import re
+
+    for f in sorted((f for f in fields if "_" in f), key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){re.escape(f)}(?![\w])", "--" + f.replace("_", "-"), message)
+    return message
+
+
 def _compress_verb(family: str, verb_help: str):
     from compress.pipeline import DEFAULT_NAMES, families
 
@@ -188,7 +197,10 @@ def _compress_verb(family: str, verb_help: str):
         out = Path(output) if output else Path(f"{model.stem}.{DEFAULT_NAMES[family]}.pt")
         stage = {"stage": family, "method": method, "name": out.stem, "output": str(out), **cfg}
         recipe = _recipe(str(model), kw, [stage])
-        _, result = _run(recipe, out.parent, save_recipe, manifest_name=f"{out.stem}.manifest.json")
+        try:
+            _, result = _run(recipe, out.parent, save_recipe, manifest_name=f"{out.stem}.manifest.json")
+        except UserError as e:  # the checks speak recipe keys (flops_target); a CLI user typed --flops-target
+            raise UserError(_option_names(str(e), names)) from None
         record = result.stages[-1]
         _emit(record, as_json, lambda: print_stage(record, result))
 

@@ -76,7 +76,10 @@ class Recipe:
         try:
             d = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({first_line(e)})") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or first_line(e)
+            raise UserError(f"{path}: not valid YAML{where}: {problem}") from None
         return cls.from_dict(d, base=path.resolve().parent)
 
     def to_dict(self) -> dict:

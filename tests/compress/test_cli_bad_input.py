@@ -213,3 +213,12 @@ def test_fine_tuning_without_train_data_fails_before_pruning(tmp_path):
                               "--finetune-epochs", "1", "--calib", f"cifar10:{TEST_LOSSLESS}", "-o", tmp_path / "o" / "p.pt"),
                       "needs train data: pass --data")
     assert not (tmp_path / "o").exists()
+
+
+def test_errors_name_what_the_user_typed(tmp_path):
+    # the checks speak recipe keys; through the CLI they name the options
+    assert_user_error(run_cli("prune", RESNET20, "--arch", "resnet20", "-m", "l1", "--flops-target", "1.5",
+                              "-o", tmp_path / "p.pt"), "--flops-target is the fraction")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m.pt\nstages: [ {stage: prune\n")
+    assert_user_error(run_cli("run", bad), "not valid YAML at line 3, column 1")
