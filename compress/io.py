@@ -23,6 +23,7 @@ from compress.errors import UserError, first_line
 from compress.fileio import atomic_path, sha256_file
 from compress.structure import conform_to_state_dict, replay
 from compress.zoo import ARCHS, CIFAR_MEAN, CIFAR_STD
+from runtimes.base import ARTIFACT_RUNTIMES
 
 FORMAT = "compress.model/1"
 
@@ -126,11 +127,6 @@ def _check_input_shape(lm: LoadedModel) -> None:
                         f"{first_line(e, 160)}") from None
 
 
-# artifacts people pass to the torch verbs by mistake, by suffix (only consulted for files torch cannot read)
-ARTIFACT_SUFFIXES = {".onnx": "an ONNX", ".ort": "an ONNX Runtime (.ort)", ".xml": "an OpenVINO IR", ".bin": "an OpenVINO IR",
-                     ".engine": "a TensorRT", ".plan": "a TensorRT", ".tflite": "a TFLite"}
-
-
 def _sniff(path: Path) -> str:
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
@@ -139,10 +135,10 @@ def _sniff(path: Path) -> str:
             return "torch"
         if head == b"PK" or not head:  # a zip archive's first bytes without its directory at the end: cut short
             raise UserError(f"{path}: corrupt or truncated model file")
-        what = ARTIFACT_SUFFIXES.get(path.suffix.lower())
-        if what:
-            raise UserError(f"{path} is {what} artifact, not a torch model: this verb needs the torch model it was "
-                            f"exported from (`compress profile` and `compress eval` take artifacts)")
+        runtime = ARTIFACT_RUNTIMES.get(path.suffix.lower())  # an artifact passed to a torch verb by mistake
+        if runtime not in (None, "torch"):
+            raise UserError(f"{path} is an artifact for {runtime}, not a torch model: this verb needs the torch model it "
+                            f"was exported from (`compress profile` and `compress eval` take artifacts)")
         raise UserError(f"{path} is not a PyTorch model file (not a torch.save, torch.export or TorchScript archive)")
     try:
         with zipfile.ZipFile(path) as z:

@@ -125,14 +125,14 @@ class Pipeline:
                                     f"--data (or `data: {{train: ...}}` in the recipe)")
             elif s["stage"] == "export":
                 from exporters import EXPORTERS
-
                 from exporters.base import PRECISIONS
 
-                for f in s.get("formats", ["onnx"]):
+                formats = s.get("formats", ["onnx"])
+                for f in formats:
                     EXPORTERS.get(f)
                 if s.get("precision", "auto") not in PRECISIONS:
                     raise UserError(f"export: unknown precision {s['precision']!r} (one of {', '.join(PRECISIONS)})")
-                if "ort" in s.get("formats", ["onnx"]) and s.get("precision") == "fp16":
+                if "ort" in formats and s.get("precision") == "fp16":
                     from exporters.ort import FP16_REFUSAL
 
                     raise UserError(FP16_REFUSAL)
@@ -203,9 +203,10 @@ class Pipeline:
         if stage["stage"] in ("prune", "lowrank"):
             from exporters.onnx import model_precision
 
-            if model_precision(src.lm.model) != "fp32":  # the fake-quant wrappers would be dropped or break shapes
-                raise UserError(f"{src.lm.source} is quantized ({model_precision(src.lm.model)}): {stage['stage']} the "
-                                f"float model, then quantize")
+            precision = model_precision(src.lm.model)
+            if precision != "fp32":  # the fake-quant wrappers would be dropped or break shapes
+                raise UserError(f"{src.lm.source} is quantized ({precision}): {stage['stage']} the float model, then "
+                                f"quantize")
         if hasattr(cfg, "check_model"):  # options that only make sense for some models: refuse before any work
             cfg.check_model(src.lm)
         log(f"[bold]{stage['stage']}[/] {method.name} on {src.name}")

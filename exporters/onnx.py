@@ -37,6 +37,22 @@ def model_precision(model: nn.Module) -> str:
 NARROW = ("int4", "int2")  # grids that fit ONNX int4/uint4
 
 
+def resolve_precision(model: nn.Module, precision: str) -> tuple[str, str]:
+    """(the model's own precision, the one asked for with auto resolved); a UserError when the two do not fit."""
+    native = model_precision(model)
+    precision = native if precision == "auto" else precision
+    if precision.startswith("int") and native == "fp32":
+        raise UserError(f"--precision {precision} needs a quantized model: run `compress quantize` first")
+    if native != "fp32" and not precision.startswith("int"):
+        raise UserError(f"this model is quantized ({native}); export it with --precision {native} (or auto)")
+    if precision in NARROW and native not in NARROW:
+        raise UserError(f"--precision {precision} needs a model quantized to 4 bits or fewer; this one is {native} "
+                        f"(quantize with e.g. --bits w4a8)")
+    if precision == "int2" and native != "int2":
+        raise UserError(f"--precision int2 needs a 2-bit model; this one is {native}")
+    return native, precision
+
+
 def export_onnx(model: nn.Module, spec: InputSpec, out: Path, precision: str = "auto",
                 parity_images: torch.Tensor | None = None, check: bool = True, opset: int = OPSET,
                 int4: bool | None = None) -> Artifact:
@@ -49,17 +65,7 @@ def export_onnx(model: nn.Module, spec: InputSpec, out: Path, precision: str = "
     int4 or a UserError saying why not.
     """
     out = Path(out)
-    native = model_precision(model)
-    precision = native if precision == "auto" else precision
-    if precision.startswith("int") and native == "fp32":
-        raise UserError(f"--precision {precision} needs a quantized model: run `compress quantize` first")
-    if native != "fp32" and not precision.startswith("int"):
-        raise UserError(f"this model is quantized ({native}); export it with --precision {native} (or auto)")
-    if precision in NARROW and native not in NARROW:
-        raise UserError(f"--precision {precision} needs a model quantized to 4 bits or fewer; this one is {native} "
-                        f"(quantize with e.g. --bits w4a8)")
-    if precision == "int2" and native != "int2":
-        raise UserError(f"--precision int2 needs a 2-bit model; this one is {native}")
+    native, precision = resolve_precision(model, precision)
     if int4 and native not in NARROW:
         raise UserError(f"int4 storage needs a model quantized to 4 bits or fewer; this one is {native}")
     want_int4 = bool(int4) if int4 is not None else (check and native in NARROW and precision != "int8")

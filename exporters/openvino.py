@@ -12,7 +12,7 @@ from compress.errors import UserError
 from compress.fileio import ensure_writable_dir
 from compress.io import InputSpec
 from exporters.base import Artifact, check_parity, parity_inputs
-from exporters.onnx import export_onnx, model_precision
+from exporters.onnx import export_onnx, resolve_precision
 
 
 def export_openvino(model: nn.Module, spec: InputSpec, out: Path, precision: str = "auto",
@@ -23,9 +23,7 @@ def export_openvino(model: nn.Module, spec: InputSpec, out: Path, precision: str
     except ImportError:
         raise UserError("OpenVINO export needs the openvino package: pip install openvino") from None
     out = Path(out).with_suffix(".xml")
-    native = model_precision(model)
-    if precision == "fp16" and native != "fp32":
-        raise UserError(f"this model is quantized ({native}); export it with --precision {native} (or auto)")
+    resolve_precision(model, precision)  # fp16 here is OpenVINO's weight compression, checked like ONNX's fp16
     onnx_precision = "auto" if precision == "fp16" else precision
     with tempfile.TemporaryDirectory() as tmp_onnx:
         onnx_art = export_onnx(model, spec, Path(tmp_onnx) / "model.onnx", onnx_precision, parity_images, check=False)

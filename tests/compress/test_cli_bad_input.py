@@ -116,7 +116,7 @@ def test_eval_real_model_matches_published_accuracy():
 def test_files_that_are_not_torch_models(tmp_path):
     onnx_file = tmp_path / "m.onnx"
     onnx_file.write_bytes(b"\x08\x07\x12\x07pytorch")  # the first bytes of an ONNX protobuf
-    assert_user_error(run_cli("export", onnx_file, "-o", tmp_path / "x.onnx"), "ONNX artifact, not a torch model",
+    assert_user_error(run_cli("export", onnx_file, "-o", tmp_path / "x.onnx"), "artifact for onnxruntime, not a torch model",
                       "compress profile")
     garbage = tmp_path / "g.pt"
     garbage.write_text("hello\n")
