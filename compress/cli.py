@@ -27,6 +27,15 @@ def model_options(f):
     f = click.option("--arch", help="Architecture of a state dict: a zoo name (resnet20, ...) or package.module:factory.")(f)
     f = click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled full module (runs code from the file).")(f)
     f = click.option("--input-shape", help="Input shape without batch, e.g. 3,32,32 (TorchScript and custom archs).")(f)
+    return normalization_options(f)
+
+
+def normalization_options(f):
+    f = click.option("--std", help="Per-channel std the model expects, with --mean (default: the model's own).")(f)
+    f = click.option("--mean", help="Per-channel mean the model expects, in [0, 1] pixel units: input = "
+                                    "(pixel / 255 - mean) / std, e.g. --mean 0.5,0.5,0.5 --std 0.25,0.25,0.25 "
+                                    "(default: the model's own; the CIFAR mean/std for custom archs, .pt2, "
+                                    "TorchScript and artifacts that record none).")(f)
     return f
 
 
@@ -88,12 +97,31 @@ def parse_shape(text: str | None, option: str = "--input-shape") -> tuple[int, .
     return shape
 
 
+def parse_normalization(mean: str | None, std: str | None) -> tuple | None:
+    """--mean/--std '0.5,0.5,0.5' -> (mean, std) float tuples, None when neither is given."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise UserError("--mean and --std go together: give both (one value per input channel, or one for all)")
+    values = []
+    for option, text in (("--mean", mean), ("--std", std)):
+        try:
+            values.append(tuple(float(v) for v in text.split(",")))
+        except ValueError:
+            raise UserError(f"{option} {text!r}: give numbers separated by commas, e.g. 0.5,0.5,0.5") from None
+    from compress.io import check_normalization
+
+    return check_normalization(*values, what="--mean/--std")
+
+
 def _recipe(model: str, kw: dict, stages: list[dict]) -> Recipe:
     data = {"train": kw.get("train"), "calib": kw.get("calib"), "eval": list(kw.get("eval_data") or [])}
     shape = parse_shape(kw.get("input_shape"))
     shape = list(shape) if shape else None
+    norm = parse_normalization(kw.get("mean"), kw.get("std"))
     return Recipe(model=model, stages=stages, arch=kw.get("arch"), trust_pickle=kw.get("trust_pickle", False),
-                  input_shape=shape, data={k: v for k, v in data.items() if v}, seed=kw.get("seed", 0))
+                  input_shape=shape, normalization={"mean": list(norm[0]), "std": list(norm[1])} if norm else None,
+                  data={k: v for k, v in data.items() if v}, seed=kw.get("seed", 0))
 
 
 def _run(recipe: Recipe, out_dir: Path | None, save_recipe: Path | None = None, manifest_name: str | None = None):
@@ -156,15 +184,20 @@ def eval_(model: Path, data: tuple[str, ...], runtime: str | None, batch_size: i
     """Top-1 accuracy of MODEL (a torch model or an ONNX / OpenVINO artifact) on labeled data."""
     from compress.report import evaluate_any, print_kv
 
-    result = evaluate_any(model, list(data), runtime, batch_size, kw)
+    result = evaluate_any(model, list(data), runtime, batch_size, kw.get("arch"), _load_kw(kw))
     _emit(result, as_json, lambda: print_kv("accuracy (top-1 %)", result["accuracy"]))
+
+
+def _load_kw(kw: dict) -> dict:
+    """model_options -> compress.io.load_model's keyword arguments (but arch)."""
+    return {"trust_pickle": kw.get("trust_pickle", False), "input_shape": parse_shape(kw.get("input_shape")),
+            "normalization": parse_normalization(kw.get("mean"), kw.get("std"))}
 
 
 def _recipe_load(model: Path, kw: dict):
     from compress.io import load_model
 
-    shape = parse_shape(kw.get("input_shape"))
-    return load_model(model, arch=kw.get("arch"), trust_pickle=kw.get("trust_pickle", False), input_shape=shape)
+    return load_model(model, arch=kw.get("arch"), **_load_kw(kw))
 
 
 def _option_names(message: str, fields: list[str]) -> str:
@@ -269,14 +302,15 @@ def export(model: Path, fmt: str, batch: int | None, precision: str, output: Pat
 @click.option("--trust-pickle", is_flag=True, help="Allow --reference to be a pickled full module (runs code from the file).")
 @click.option("--input-shape", help="Input shape without batch, e.g. 3,32,32, for artifacts that do not record one "
                                     "(TorchScript).")
+@normalization_options
 @click.option("--junit", type=click.Path(path_type=Path), help="Write the gates as JUnit XML (one testcase each).")
 @click.option("--summary", type=click.Path(path_type=Path), help="Write a markdown summary (for $GITHUB_STEP_SUMMARY).")
 @output_options
 def profile(artifact: Path, runtime: str | None, device: str, threads: int | None, warmup: int, iterations: int,
             batch: int, budget: str | None, baseline: Path | None, max_slowdown: str, alpha: float,
             accuracy_data: str | None, reference: Path | None, reference_arch: str | None, trust_pickle: bool,
-            input_shape: str | None, junit: Path | None, summary: Path | None, output: Path | None,
-            as_json: bool) -> None:
+            input_shape: str | None, mean: str | None, std: str | None, junit: Path | None, summary: Path | None,
+            output: Path | None, as_json: bool) -> None:
     """Measure load time, latency (p50/p90/p99, CI) and peak memory of ARTIFACT in a fresh process.
 
     With --budget and/or --baseline it is a CI gate: exit 1 when a budget is exceeded or the artifact is
@@ -290,6 +324,7 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
 
     # everything a typo can break is checked before the (slow) measurement
     shape = parse_shape(input_shape)
+    norm = parse_normalization(mean, std)  # for --accuracy-data on the artifact and on --reference
     for path in (output, junit, summary):
         if path is not None:
             check_output_file(path, create_parent=False)
@@ -317,7 +352,8 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
         if accuracy_data:
             if not measured.exists():
                 raise UserError(f"--accuracy-data: the profiled artifact {measured} is not here to evaluate")
-            prof["accuracy"] = gates.measure_accuracy(measured, accuracy_data, prof["runtime"]["name"])
+            prof["accuracy"] = gates.measure_accuracy(measured, accuracy_data, prof["runtime"]["name"],
+                                                      load_kw={"normalization": norm})
     else:
         from devices import profile_artifact
 
@@ -325,9 +361,9 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
                                 iterations=iterations, batch=batch, shape=shape)
         if accuracy_data:
             prof["accuracy"] = gates.measure_accuracy(artifact, accuracy_data, runtime,
-                                                      load_kw={"input_shape": shape} if shape else None)
+                                                      load_kw={"input_shape": shape, "normalization": norm})
     ref = [gates.measure_accuracy(reference, accuracy_data, arch=reference_arch,
-                                  load_kw={"trust_pickle": trust_pickle})] if reference else None
+                                  load_kw={"trust_pickle": trust_pickle, "normalization": norm})] if reference else None
     if output and artifact.resolve() != Path(output).resolve():
         with atomic_path(output) as tmp:
             tmp.write_text(json.dumps(prof, indent=2))

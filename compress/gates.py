@@ -231,7 +231,8 @@ def measure_accuracy(path: str | Path, data: str, runtime: str | None = None, ar
     """Top-1 of a model or artifact on labeled data -> an accuracy record (with the data's fingerprint).
 
     Artifacts (.onnx, .ort, .xml, .engine) run on their runtime; anything else loads as a torch model
-    (load_kw: trust_pickle / input_shape, as compress.io.load_model takes them).
+    (load_kw: trust_pickle / input_shape / normalization, as compress.io.load_model takes them; an artifact
+    takes normalization from there too, else from what it records: see artifact_normalization).
     """
     from compress.data import Normalizer, load_dataset
     from compress.metrics import predict, top1
@@ -247,8 +248,9 @@ def measure_accuracy(path: str | Path, data: str, runtime: str | None = None, ar
 
         session = open_session(path, runtime)
         dims = (session.inputs[0].shape or ())[1:]
-        shape = tuple(dims) if dims and all(isinstance(d, int) for d in dims) else (3, 32, 32)
-        mean, std = artifact_normalization(path)
+        shape = (load_kw or {}).get("input_shape") or (
+            tuple(dims) if dims and all(isinstance(d, int) for d in dims) else (3, 32, 32))
+        mean, std = (load_kw or {}).get("normalization") or artifact_normalization(path, session)
         forward = lambda x: session.run(x.numpy())  # noqa: E731
     else:
         from compress.io import load_model
@@ -264,14 +266,23 @@ def measure_accuracy(path: str | Path, data: str, runtime: str | None = None, ar
     return accuracy_record(acc, ds.source, len(ds), ds.fingerprint(), str(path), runtime or "torch")
 
 
-def artifact_normalization(path: Path) -> tuple[tuple, tuple]:
-    """An artifact carries no normalization: read mean/std from its sidecar (the .ort export's <stem>.json, a
-    model.json) or from the manifest.json of the run that exported it; else the CIFAR defaults, said aloud."""
+def artifact_normalization(path: Path, session=None) -> tuple[tuple, tuple]:
+    """The mean/std an artifact's inputs expect: recorded in the artifact itself (`compress export` writes it into
+    ONNX metadata and OpenVINO rt_info, read through `session`), else in a sidecar (the .ort export's <stem>.json,
+    a model.json) or the manifest.json of the run that exported it; else the CIFAR defaults, said aloud."""
     import json
 
     from compress.progress import log
     from compress.zoo import CIFAR_MEAN, CIFAR_STD
+    from runtimes.base import INPUT_METADATA_KEY
 
+    recorded = getattr(session, "metadata", {}).get(INPUT_METADATA_KEY)
+    if recorded:
+        try:
+            d = json.loads(recorded)
+            return tuple(d["mean"]), tuple(d["std"])
+        except (ValueError, KeyError, TypeError):
+            log(f"{path.name}: unreadable {INPUT_METADATA_KEY} metadata; looking beside the file")
     for side in (path.with_suffix(".json"), path.with_name("model.json"), Path(f"{path}.json")):
         try:
             d = json.loads(side.read_text())
@@ -286,7 +297,8 @@ def artifact_normalization(path: Path) -> tuple[tuple, tuple]:
                 return tuple(art["input"]["mean"]), tuple(art["input"]["std"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    log(f"{path.name}: no normalization recorded beside it; using the CIFAR default mean/std")
+    log(f"{path.name}: no normalization recorded in or beside it; using the CIFAR default mean/std "
+        f"(give the model's own with --mean/--std)")
     return CIFAR_MEAN, CIFAR_STD
 
 

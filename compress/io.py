@@ -48,6 +48,32 @@ class InputSpec:
     def example(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
         return torch.randn((batch, *self.shape), generator=torch.Generator().manual_seed(seed))
 
+    def set_normalization(self, mean, std) -> None:
+        """The user's own mean/std (pixel units in [0, 1]): one value per input channel, or one for all."""
+        self.mean, self.std = check_normalization(mean, std, self.shape[0] if len(self.shape) == 3 else None)
+
+
+def check_normalization(mean, std, channels: int | None = None,
+                        what: str = "mean/std") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) as float tuples, a single value spread over the channels; a UserError for anything unusable."""
+    import math
+
+    try:
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        raise UserError(f"{what}: give lists of numbers (got mean {mean!r}, std {std!r})") from None
+    if not mean or not std or not all(map(math.isfinite, mean + std)):
+        raise UserError(f"{what}: give finite numbers for both mean and std (got mean {list(mean)}, std {list(std)})")
+    if any(v <= 0 for v in std):
+        raise UserError(f"{what}: std must be positive (got {list(std)})")
+    n = channels or max(len(mean), len(std))
+    mean, std = (v * n if len(v) == 1 else v for v in (mean, std))
+    if len(mean) != n or len(std) != n:
+        has = f"{len(mean)} mean and {len(std)} std values"
+        raise UserError(f"{what}: {has}; the input has {channels} channels: give {channels} values each, or one for all"
+                        if channels else f"{what}: {has}: give the same number of values each, or one for all")
+    return mean, std
+
 
 @dataclass
 class LoadedModel:
@@ -86,7 +112,10 @@ def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, In
 
 
 def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = False,
-               input_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> LoadedModel:
+               input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
+               normalization: tuple | None = None) -> LoadedModel:
+    """`normalization`: (mean, std) the model expects, overriding its own (zoo entry or saved spec; the CIFAR
+    default for custom archs, .pt2 and TorchScript, which record none)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model file not found: {path}")
@@ -113,6 +142,8 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
     if input_shape is not None:
         lm.spec.shape = tuple(input_shape)
         _check_input_shape(lm)
+    if normalization is not None:
+        lm.spec.set_normalization(*normalization)
     lm.sha256 = digest
     lm.model.eval()
     return lm

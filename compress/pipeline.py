@@ -148,7 +148,7 @@ class Pipeline:
     def _load(self) -> None:
         r = self.recipe
         lm = load_model(r.model, arch=r.arch, trust_pickle=r.trust_pickle,
-                        input_shape=tuple(r.input_shape) if r.input_shape else None)
+                        input_shape=tuple(r.input_shape) if r.input_shape else None, normalization=r.mean_std)
         torch.manual_seed(r.seed)
         self.ctx = Context(spec=lm.spec, data={k: v for k, v in r.data.items() if k != "eval"}, seed=r.seed,
                            out_dir=self.out_dir)

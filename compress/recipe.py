@@ -2,6 +2,7 @@
 
     model: path/to/model.th          # any format compress.io reads
     arch: resnet20                   # for state dicts
+    normalization: {mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}  # optional: overrides the model's own
     data:                            # data specs (compress/data.py) by role
       train: cifar10:train.npz       # fine-tuning / training-based methods
       calib: cifar10:calib.npz       # calibration (unlabeled is fine)
@@ -22,7 +23,7 @@ import yaml
 
 from compress.errors import UserError, first_line
 
-TOP_KEYS = {"model", "arch", "trust_pickle", "input_shape", "data", "seed", "stages", "name"}
+TOP_KEYS = {"model", "arch", "trust_pickle", "input_shape", "normalization", "data", "seed", "stages", "name"}
 DATA_ROLES = {"train", "calib", "eval"}
 STAGE_KINDS = ("eval", "prune", "quantize", "lowrank", "export", "profile")
 
@@ -34,6 +35,7 @@ class Recipe:
     arch: str | None = None
     trust_pickle: bool = False
     input_shape: list[int] | None = None
+    normalization: dict | None = None  # {mean: [...], std: [...]} in [0, 1] pixel units
     data: dict = field(default_factory=dict)
     seed: int = 0
     name: str | None = None
@@ -66,7 +68,13 @@ class Recipe:
                     for role, val in data.items()}
         return cls(model=model, stages=[dict(s) for s in stages], arch=d.get("arch"),
                    trust_pickle=bool(d.get("trust_pickle", False)), input_shape=d.get("input_shape"),
+                   normalization=_normalization(d.get("normalization")),
                    data=data, seed=int(d.get("seed", 0)), name=d.get("name"))
+
+    @property
+    def mean_std(self) -> tuple | None:
+        """(mean, std) for compress.io.load_model, or None for the model's own."""
+        return (self.normalization["mean"], self.normalization["std"]) if self.normalization else None
 
     @classmethod
     def load(cls, path: Path) -> "Recipe":
@@ -134,3 +142,16 @@ def _relative(p: str, base: Path) -> str:
 
 def _relative_spec(spec: str, base: Path) -> str:
     return _map_spec_path(spec, lambda p: _relative(p, base))
+
+
+def _normalization(value) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"mean", "std"}:
+        raise UserError("recipe: normalization is a mapping with `mean:` and `std:` lists, e.g. "
+                        "{mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}")
+    from compress.io import check_normalization
+
+    mean, std = (list(v if isinstance(v, (list, tuple)) else [v]) for v in (value["mean"], value["std"]))
+    mean, std = check_normalization(mean, std, what="recipe normalization")
+    return {"mean": list(mean), "std": list(std)}

@@ -68,13 +68,12 @@ def print_info(d: dict) -> None:
     console.print(t)
 
 
-def evaluate_any(path: Path, data: list[str], runtime: str | None, batch_size: int, kw: dict) -> dict:
+def evaluate_any(path: Path, data: list[str], runtime: str | None, batch_size: int, arch: str | None,
+                 load_kw: dict) -> dict:
     """Top-1 of a torch model or an artifact (on its runtime) on each labeled data set."""
     from compress.gates import measure_accuracy
 
-    shape = tuple(int(s) for s in kw["input_shape"].split(",")) if kw.get("input_shape") else None
-    load_kw = {"trust_pickle": kw.get("trust_pickle", False), "input_shape": shape}
-    records = [measure_accuracy(path, spec, runtime, kw.get("arch"), batch_size, load_kw) for spec in data]
+    records = [measure_accuracy(path, spec, runtime, arch, batch_size, load_kw) for spec in data]
     return {"model": str(path), "runtime": records[0]["runtime"] if records else None,
             "accuracy": {Path(r["data"]).stem: round(r["top1"], 2) for r in records}}
 

@@ -82,6 +82,7 @@ def export_onnx(model: nn.Module, spec: InputSpec, out: Path, precision: str = "
         if precision == "fp16":
             proto = _to_fp16(proto)
             notes.append("FP16 weights; inputs and outputs stay FP32; FP16 compute only where the runtime has FP16 kernels")
+        record_input(proto, spec)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
         if want_int4:
@@ -178,6 +179,18 @@ def _topological_sort(proto: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(ordered)
     return proto
+
+
+def record_input(proto: onnx.ModelProto, spec: InputSpec) -> None:
+    """Write the input spec (normalization included) into the model's metadata: `compress eval` / `profile
+    --accuracy-data` and apps read it from the artifact itself (ORT: session.get_modelmeta().custom_metadata_map)."""
+    import json
+
+    from runtimes.base import INPUT_METADATA_KEY
+
+    props = {p.key: p.value for p in proto.metadata_props}
+    props[INPUT_METADATA_KEY] = json.dumps(_input_dict(spec))
+    onnx.helper.set_model_props(proto, props)
 
 
 def _input_dict(spec: InputSpec) -> dict:

@@ -1,6 +1,7 @@
 """torch module -> OpenVINO IR (.xml + .bin), through our ONNX export so QDQ models keep their quantization."""
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,6 +14,7 @@ from compress.fileio import ensure_writable_dir
 from compress.io import InputSpec
 from exporters.base import Artifact, check_parity, parity_inputs
 from exporters.onnx import export_onnx, resolve_precision
+from runtimes.base import INPUT_METADATA_KEY
 
 
 def export_openvino(model: nn.Module, spec: InputSpec, out: Path, precision: str = "auto",
@@ -28,6 +30,8 @@ def export_openvino(model: nn.Module, spec: InputSpec, out: Path, precision: str
     with tempfile.TemporaryDirectory() as tmp_onnx:
         onnx_art = export_onnx(model, spec, Path(tmp_onnx) / "model.onnx", onnx_precision, parity_images, check=False)
         ov_model = ov.convert_model(onnx_art.path)
+    # the IR keeps no ONNX metadata: the input spec goes into its rt_info (runtimes/openvino.py reads it back)
+    ov_model.set_rt_info(json.dumps(onnx_art.input), INPUT_METADATA_KEY.split("."))
     final_precision = "fp16" if precision == "fp16" else onnx_art.precision
     notes = ["weights compressed to FP16; CPU plugin computes in its own inference precision"] if precision == "fp16" else []
     if final_precision.startswith("int"):

@@ -28,6 +28,11 @@ ARTIFACT_RUNTIMES = {
 }
 
 
+# the key under which `compress export` records the input spec (name, shape, mean, std) in the artifact itself:
+# ONNX metadata_props, OpenVINO rt_info (["compress", "input"]); a JSON string
+INPUT_METADATA_KEY = "compress.input"
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The line of an exception a user can act on (OpenVINO leads with C++ source locations: skipped)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -103,6 +108,7 @@ class Session(ABC):
     runtime: str = ""
     version: str = ""
     options: dict = field(default_factory=dict)  # the settings the session was opened with, for the profile
+    metadata: dict = field(default_factory=dict)  # string key/values the artifact carries (INPUT_METADATA_KEY, ...)
 
     @abstractmethod
     def _run(self, x: np.ndarray) -> np.ndarray: ...

@@ -16,6 +16,7 @@ class OrtSession(Session):
         super().__init__(path, threads, _infos(sess.get_inputs()), _infos(sess.get_outputs()),
                          "onnxruntime", version, options)
         self._sess = sess
+        self.metadata = dict(sess.get_modelmeta().custom_metadata_map)
         self._feed, self._fetch = self.inputs[0].name, [self.outputs[0].name]
 
     def _run(self, x: np.ndarray) -> np.ndarray:

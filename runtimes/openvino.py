@@ -6,12 +6,13 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import UserError
-from runtimes.base import Session, TensorInfo, first_line, require
+from runtimes.base import INPUT_METADATA_KEY, Session, TensorInfo, first_line, require
 
 
 class OpenVINOSession(Session):
-    def __init__(self, compiled, path: Path, threads: int | None, options: dict, version: str):
-        super().__init__(path, threads, _infos(compiled.inputs), _infos(compiled.outputs), "openvino", version, options)
+    def __init__(self, compiled, path: Path, threads: int | None, options: dict, version: str, metadata: dict):
+        super().__init__(path, threads, _infos(compiled.inputs), _infos(compiled.outputs), "openvino", version, options,
+                         metadata)
         self._compiled = compiled
         self._request = compiled.create_infer_request()
         self._out = compiled.output(0)
@@ -41,12 +42,23 @@ def open(path: Path, threads: int | None) -> OpenVINOSession:  # noqa: A001 - th
         config["INFERENCE_NUM_THREADS"] = str(threads)
     core = ov.Core()
     try:
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        model = core.read_model(str(path))
+        metadata = _metadata(model)
+        compiled = core.compile_model(model, "CPU", config)
     except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError with multi-line C++ traces
         raise UserError(f"{path}: OpenVINO cannot load it ({first_line(e)})") from None
     options = {"device": "CPU", "performance_hint": "latency", "num_streams": 1, "inference_precision": "f32",
                "inference_num_threads": int(compiled.get_property("INFERENCE_NUM_THREADS"))}
-    return OpenVINOSession(compiled, path, threads, options, ov.__version__)
+    return OpenVINOSession(compiled, path, threads, options, ov.__version__, metadata)
+
+
+def _metadata(model) -> dict:
+    """INPUT_METADATA_KEY from the IR's rt_info, where `compress export` writes it (rt_info path compress/input)."""
+    key = INPUT_METADATA_KEY.split(".")
+    try:
+        return {INPUT_METADATA_KEY: model.get_rt_info(key).astype(str)} if model.has_rt_info(key) else {}
+    except Exception:  # noqa: BLE001 - an older OpenVINO on a board: the metadata is optional, running is not
+        return {}
 
 
 def _infos(ports) -> list[TensorInfo]:
