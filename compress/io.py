@@ -174,8 +174,12 @@ def _sniff(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-    except zipfile.BadZipFile as e:
-        raise UserError(f"{path}: corrupt archive ({e})") from None
+            # torch reads tensors without checking the archive's CRCs: a flipped byte would load as a wrong weight
+            damaged = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise UserError(f"{path}: corrupt archive ({first_line(e, 120)})") from None
+    if damaged is not None:
+        raise UserError(f"{path}: corrupt model file ({damaged.split('/', 1)[-1]} does not match its checksum)")
     if any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json") for n in names):
         return "export"
     if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):

@@ -37,6 +37,20 @@ def test_truncated_checkpoint(tmp_path):
     assert not out.exists() or no_files(out)
 
 
+def test_corrupted_byte_inside_a_zip_checkpoint(tmp_path):
+    """torch.load does not check the archive's CRCs: a flipped byte in a tensor used to load as a wrong weight."""
+    import torch
+
+    good = tmp_path / "sd.pt"
+    torch.save({"w": torch.arange(4096, dtype=torch.float32)}, good)
+    data = bytearray(good.read_bytes())
+    at = data.index(torch.arange(4096, dtype=torch.float32).numpy().tobytes()[:64])  # inside the tensor's bytes
+    data[at + 100] ^= 0xFF
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(data))
+    assert_user_error(run_cli("info", bad, "--arch", "resnet20"), "corrupt model file", "does not match its checksum")
+
+
 class _RunsCode:
     def __reduce__(self):
         import os
