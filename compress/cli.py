@@ -201,12 +201,21 @@ def _recipe_load(model: Path, kw: dict):
 
 
 def _option_names(message: str, fields: list[str]) -> str:
-    """Recipe keys with an underscore, as whole words in `message`, written as the CLI options they come from."""
+    """Recipe keys with an underscore, as whole words in `message`, written as the CLI options they come from;
+    one-word keys (ratio, widths) too where they stand in a list with such an option ("one of ratio, --flops-target")."""
     import re
 
     for f in sorted((f for f in fields if "_" in f), key=len, reverse=True):
         message = re.sub(rf"(?<![\w-]){re.escape(f)}(?![\w])", "--" + f.replace("_", "-"), message)
-    return message
+    words = {f for f in fields if "_" not in f}
+
+    def in_list(m: re.Match) -> str:
+        items = re.split(r"(, | or | and )", m.group(0))
+        if not any(i.startswith("--") for i in items[::2]):
+            return m.group(0)
+        return "".join(f"--{i}" if k % 2 == 0 and i in words else i for k, i in enumerate(items))
+
+    return re.sub(r"(?<![\w-])-{0,2}[a-z][\w-]*(?:(?:, | or | and )-{0,2}[a-z][\w-]*)+", in_list, message)
 
 
 def _compress_verb(family: str, verb_help: str):

@@ -89,6 +89,8 @@ def build_config(method: Method, values: dict[str, Any]) -> Any:
         cfg = method.Config(**coerced)
     except (TypeError, ValueError) as e:
         raise UserError(f"{method.name}: {e}") from None
+    if hasattr(cfg, "check_given"):  # options that only mean something together with others
+        cfg.check_given(set(coerced))
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg

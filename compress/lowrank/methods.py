@@ -54,6 +54,22 @@ class LowRankConfig(MethodConfig):
     lr: float = option(0.01, "fine-tuning learning rate (SGD, momentum 0.9, cosine decay)")
     batch_size: int = option(128, "fine-tuning batch size")
 
+    def check_given(self, given: set[str]) -> None:
+        """ratio, energy and budget each belong to rank rules: an option the rule would ignore is an error, and
+        energy alone picks its rule (ratio is the default rule; budget needs the user to say what it budgets)."""
+        rules_of = {"ratio": ("ratio",), "energy": ("energy",), "budget": BUDGET_RULES}
+        named = sorted(given & set(rules_of))
+        if "rank_rule" not in given and named:
+            if len(named) > 1:
+                raise UserError(f"{' and '.join(named)} belong to different rank rules: give one (with its rank_rule)")
+            if named == ["budget"]:
+                raise UserError("budget is the fraction a budget rule keeps: add rank_rule params, flops or latency")
+            self.rank_rule = named[0]
+        for key in named:
+            if self.rank_rule not in rules_of[key]:
+                raise UserError(f"{key} applies to rank_rule {' / '.join(rules_of[key])}, not {self.rank_rule}: "
+                                f"drop it or change rank_rule")
+
     def validate(self) -> None:
         if not 0 < self.ratio <= 1:
             raise UserError(f"ratio is r / min(N, M): in (0, 1], got {self.ratio}")

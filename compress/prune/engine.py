@@ -285,7 +285,21 @@ def keep_sets(model: nn.Module, example_input: torch.Tensor, importance: Importa
     """Which channels `prune_channels` would keep: group name -> channel indices (of the group's first member)."""
     groups = _groups(model, _dependency_graph(model, example_input), ignore)
     _check_ratio_keys(groups, ratio)
+    _note_too_narrow(groups, ratio, round_to)
     return _plan(groups, _resolve(importance, model), ratio, round_to)
+
+
+def _note_too_narrow(groups: list[_Group], ratio: Ratio, round_to: int | None) -> None:
+    """Say which groups round_to leaves whole: a group of at most round_to channels has no smaller multiple."""
+    if not round_to or round_to < 2:
+        return
+    whole = [g.info for g in groups if _ratio_of(g.info, ratio) > 0 and g.info.channels <= round_to]
+    if whole:
+        from compress.progress import log
+
+        widths = sorted({g.channels for g in whole})
+        log(f"round_to {round_to}: {len(whole)} of {len(groups)} channel groups stay whole ({', '.join(map(str, widths))} "
+            f"channels: no smaller multiple of {round_to}), e.g. {whole[0].name}")
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
@@ -367,5 +381,6 @@ def prune_channels(model: nn.Module, example_input: torch.Tensor, importance: Im
     dg = _dependency_graph(model, example_input)
     groups = _groups(model, dg, ignore)
     _check_ratio_keys(groups, ratio)
+    _note_too_narrow(groups, ratio, round_to)
     _remove(dg, groups, _plan(groups, scores, ratio, round_to))
     return model.train(was_training)

@@ -236,3 +236,23 @@ def test_errors_name_what_the_user_typed(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: m.pt\nstages: [ {stage: prune\n")
     assert_user_error(run_cli("run", bad), "not valid YAML at line 3, column 1")
+
+
+def test_options_a_rule_would_ignore(tmp_path):
+    # lowrank's ratio / energy / budget each belong to rank rules: they used to be ignored silently under another
+    for args, message in ((["--rank-rule", "flops", "--energy", "0.8"], "energy applies to --rank-rule energy, not flops"),
+                          (["--budget", "0.5"], "add --rank-rule params, flops or latency"),
+                          (["--ratio", "0.5", "--energy", "0.9"], "belong to different rank rules")):
+        assert_user_error(run_cli("lowrank", RESNET20, "--arch", "resnet20", "-m", "svd", *args, "--dry-run"), message)
+    # energy alone picks its rule
+    import json
+
+    proc = run_cli("lowrank", RESNET20, "--arch", "resnet20", "-m", "svd", "--energy", "0.8", "--dry-run", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["plan"]["rule"] == "energy", proc.stderr
+    # prune's round_to leaves groups of at most round_to channels whole: said aloud, not a silent 0% prune
+    proc = run_cli("prune", RESNET20, "--arch", "resnet20", "-m", "l1", "--ratio", "0.5", "--round-to", "64",
+                   "-o", tmp_path / "p.pt")
+    assert proc.returncode == 0 and "12 of 12 channel groups stay whole" in proc.stderr, proc.stderr
+    # one-word keys in a list of options read as options too (was "give one of ratio, --flops-target, ...")
+    assert_user_error(run_cli("prune", RESNET20, "--arch", "resnet20", "-m", "l1", "-o", tmp_path / "q.pt"),
+                      "give one of --ratio, --flops-target, --latency-target, --speedup-target, --widths")
