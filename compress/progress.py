@@ -20,6 +20,11 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def quiet() -> bool:
+    """-q: no progress bars, no notes (ours, or a library's we call)."""
+    return _quiet
+
+
 def enabled() -> bool:
     return not _quiet and not os.environ.get("COMPRESS_NO_PROGRESS") and sys.stderr.isatty()
 

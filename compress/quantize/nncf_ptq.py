@@ -85,20 +85,26 @@ def nncf_quantize(model: nn.Module, images: torch.Tensor, cfg: NNCFConfig, batch
 @contextmanager
 def _stdout_to_stderr():
     """NNCF prints progress bars and INFO logs on stdout: send them to stderr (file-descriptor level, so that
-    handlers holding sys.stdout are covered too) and keep stdout for the command's own output (--json)."""
+    handlers holding sys.stdout are covered too), or nowhere under -q, and keep stdout for the command's own
+    output (--json). NNCF's failures reach us as exceptions, not as these lines."""
+    from compress.progress import quiet
+
     sys.stdout.flush()
     try:
         saved = os.dup(1)
     except OSError:  # no real stdout (embedded use): nothing to protect
         yield
         return
+    target = os.open(os.devnull, os.O_WRONLY) if quiet() else 2
     try:
-        os.dup2(2, 1)
+        os.dup2(target, 1)
         yield
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+        if target != 2:
+            os.close(target)
 
 
 def _nncf_quantizers(qmodel: nn.Module) -> list[nn.Module]:
