@@ -30,9 +30,34 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 def state_dict_bytes(model: nn.Module) -> int:
+    """Size of the torch file (torch.save of the state dict): fake-quant weights are still float32 here."""
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.tell()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's tensors as an export stores them: float tensors at their dtype; a weight under an
+    enabled weight quantizer at its bit-width (int4 ONNX packs two per byte); each quantizer's grid as a float32
+    scale and an 8-bit zero-point per channel. Quantizer internals used only while learning (Genie's rounding
+    variables, ...) are not counted; neither is the export's graph structure."""
+    from compress.quantize.fakequant import QUANT_LAYERS, FakeQuantizer
+
+    inside_quantizer = {id(sub) for m in model.modules() if isinstance(m, FakeQuantizer) for sub in m.modules()}
+    total = 0
+    for m in model.modules():
+        if isinstance(m, FakeQuantizer):
+            total += m.scale.numel() * 5
+            continue
+        if id(m) in inside_quantizer:
+            continue
+        quantized = isinstance(m, QUANT_LAYERS) and m.weight_quantizer.enabled
+        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            if quantized and name == "weight":
+                total += -(-t.numel() * m.weight_quantizer.bits // 8)
+            else:
+                total += t.numel() * t.element_size()
+    return total
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from compress.data import Dataset, load_dataset
 from compress.errors import GateFailed, UserError
 from compress.fileio import atomic_path, ensure_writable_dir, sha256_file
 from compress.io import LoadedModel, load_model, save_model
-from compress.metrics import count_flops, count_params, evaluate, predict, state_dict_bytes, top1
+from compress.metrics import count_flops, count_params, evaluate, predict, top1, weight_bytes
 from compress.progress import log
 from compress.recipe import Recipe
 from compress.stages import Context, build_config
@@ -327,7 +327,7 @@ class Pipeline:
         except Exception:  # noqa: BLE001 - an exotic module FlopCounterMode cannot trace: say unknown, don't fail
             m["flops"] = None
         if lm.kind != "torchscript":
-            m["size_bytes"] = state_dict_bytes(lm.model)
+            m["size_bytes"] = weight_bytes(lm.model)  # as deployed: a quantized model's weights at their bit-width
         from exporters.onnx import model_precision
 
         m["precision"] = model_precision(lm.model)

@@ -40,7 +40,7 @@ def fmt_ms(x: float | None) -> str:
 
 
 def model_info(lm: LoadedModel) -> dict:
-    from compress.metrics import count_flops, count_params, state_dict_bytes
+    from compress.metrics import count_flops, count_params, state_dict_bytes, weight_bytes
 
     layers = {}
     for m in lm.model.modules():
@@ -52,7 +52,8 @@ def model_info(lm: LoadedModel) -> dict:
         flops = None
     return {"source": lm.source, "kind": lm.kind, "arch": lm.arch, "sha256": lm.sha256,
             "input": lm.spec.to_dict(), "params": sum(p.numel() for p in lm.model.parameters()),
-            "flops": flops, "state_dict_bytes": state_dict_bytes(lm.model) if isinstance(lm.model, nn.Module) else None,
+            "flops": flops, "weight_bytes": weight_bytes(lm.model) if isinstance(lm.model, nn.Module) else None,
+            "state_dict_bytes": state_dict_bytes(lm.model) if isinstance(lm.model, nn.Module) else None,
             "layers": layers, "edits": [e.get("kind") for e in lm.edits], "history": lm.history}
 
 
@@ -61,7 +62,8 @@ def print_info(d: dict) -> None:
     t.add_row("input", f"1 x {' x '.join(map(str, d['input']['shape']))}  mean={d['input']['mean']} std={d['input']['std']}")
     t.add_row("parameters", f"{fmt_count(d['params'])} ({d['params']:,})")
     t.add_row("FLOPs (batch 1)", fmt_count(d["flops"]))
-    t.add_row("weights size", fmt_bytes(d["state_dict_bytes"]))
+    t.add_row("weights", f"{fmt_bytes(d['weight_bytes'])} as exported (quantized weights at their bit-width)")
+    t.add_row("torch file", fmt_bytes(d["state_dict_bytes"]))
     t.add_row("layers", ", ".join(f"{k} x{v}" for k, v in sorted(d["layers"].items(), key=lambda kv: -kv[1])))
     if d["history"]:
         t.add_row("history", " -> ".join(f"{h.get('stage')}:{h.get('method')}" for h in d["history"]))

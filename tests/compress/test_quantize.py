@@ -193,6 +193,28 @@ def test_minmax_w8a8_keeps_resnet20_accuracy(resnet20_w8a8, test846):
     assert not any(isinstance(m, WeightQuantizer) for m in lm.model.modules())  # float model untouched
 
 
+def test_weight_bytes_count_the_stored_grid(resnet20_w8a8):
+    """The size a quantized model reports is its weights at their bit-width (what the export stores), not the
+    float32 tensors fake-quant keeps in torch (which read 1.14 MB for an INT8 ResNet-20)."""
+    from compress.metrics import state_dict_bytes, weight_bytes
+
+    lm, qlm, _ = resnet20_w8a8
+    float_bytes = weight_bytes(lm.model)
+    assert abs(float_bytes - 4 * sum(p.numel() for p in lm.model.parameters())) < 0.05 * float_bytes  # + BN stats
+    convs = [m for m in qlm.model.modules() if isinstance(m, QuantConv2d)]
+    int8_weights = sum(m.weight.numel() for m in convs)
+    assert 0.24 < weight_bytes(qlm.model) / float_bytes < 0.3           # int8 weights, float biases and scales
+    assert state_dict_bytes(qlm.model) > 0.9 * float_bytes              # the torch file is still float
+    for m in convs:
+        m.weight_quantizer.bits = 4
+    try:
+        four = weight_bytes(qlm.model)
+    finally:
+        for m in convs:
+            m.weight_quantizer.bits = 8
+    assert weight_bytes(qlm.model) - four == int8_weights // 2  # two 4-bit weights per byte (even counts)
+
+
 def test_save_reload_gives_identical_logits(resnet20_w8a8, tmp_path):
     _, qlm, _ = resnet20_w8a8
     path = save_model(qlm, tmp_path / "q.pt")
