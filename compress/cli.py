@@ -34,8 +34,8 @@ def normalization_options(f):
     f = click.option("--std", help="Per-channel std the model expects, with --mean (default: the model's own).")(f)
     f = click.option("--mean", help="Per-channel mean the model expects, in [0, 1] pixel units: input = "
                                     "(pixel / 255 - mean) / std, e.g. --mean 0.5,0.5,0.5 --std 0.25,0.25,0.25 "
-                                    "(default: the model's own; the CIFAR mean/std for custom archs, .pt2, "
-                                    "TorchScript and artifacts that record none).")(f)
+                                    "(default: the model's own; for custom archs, .pt2, TorchScript and artifacts "
+                                    "that record none, the zoo's: ImageNet's 0.485,0.456,0.406 / 0.229,0.224,0.225).")(f)
     return f
 
 

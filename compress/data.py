@@ -60,17 +60,46 @@ def load_dataset(spec: str, input_shape: tuple[int, ...] = (3, 32, 32), seed: in
         x = torch.randn((n, *input_shape), generator=g).numpy()
         return Dataset(x, None, f"random:{n}", prenormalized=True)
     if kind in ("cifar10", "npz"):
-        return _load_npz(Path(rest))
+        return _fits(_load_npz(Path(rest)), input_shape)
     if kind == "folder":
         return _load_folder(Path(rest), input_shape)
     path = Path(spec)
     if path.suffix == ".npz" and (rest == "" or path.exists()):
-        return _load_npz(path)
+        return _fits(_load_npz(path), input_shape)
     if path.is_dir():
         return _load_folder(path, input_shape)
     if rest and not path.exists():
         raise UserError(f"data {spec!r}: unknown source {kind!r}; use cifar10:PATH.npz, folder:DIR or random[:N]")
     raise UserError(f"cannot read data {spec!r}: use cifar10:PATH.npz, folder:DIR or random[:N]")
+
+
+def check_source(spec: str) -> None:
+    """The errors load_dataset would raise for a missing file or folder, without reading any images (recipes check
+    their data before the first stage runs)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "random":
+        load_dataset(f"random:{1 if not rest else rest}" if rest.isdigit() or not rest else spec)
+    elif kind in ("cifar10", "npz"):
+        if not Path(rest).is_file():
+            raise UserError(f"data file not found: {rest}")
+    elif kind == "folder":
+        if not Path(rest).is_dir():
+            raise UserError(f"data folder not found: {rest}")
+    elif not (Path(spec).suffix == ".npz" and Path(spec).is_file()) and not Path(spec).is_dir():
+        if rest and not Path(spec).exists():
+            raise UserError(f"data {spec!r}: unknown source {kind!r}; use cifar10:PATH.npz, folder:DIR or random[:N]")
+        raise UserError(f"cannot read data {spec!r}: use cifar10:PATH.npz, folder:DIR or random[:N]")
+
+
+def _fits(ds: Dataset, input_shape: tuple[int, ...]) -> Dataset:
+    """.npz images are used as they are (a folder's are resized): their size must be the model's input size."""
+    if len(input_shape) == 3:
+        h, w, c = ds.images.shape[1:]
+        if (c, h, w) != tuple(input_shape):
+            raise UserError(f"{ds.source}: images are {h}x{w} with {c} channel(s), the model takes "
+                            f"{input_shape[1]}x{input_shape[2]} with {input_shape[0]} (its input shape "
+                            f"{','.join(map(str, input_shape))}; --input-shape sets it for custom models)")
+    return ds
 
 
 def _load_npz(path: Path) -> Dataset:
@@ -107,12 +136,16 @@ def _load_folder(path: Path, input_shape: tuple[int, ...]) -> Dataset:
     if not classes:
         raise UserError(f"{path}: expected one subfolder of images per class")
     h, w = input_shape[1], input_shape[2]
+    mode = {1: "L", 3: "RGB"}.get(input_shape[0])
+    if mode is None:
+        raise UserError(f"{path}: image folders feed 1- or 3-channel models; this one takes {input_shape[0]} channels")
     images, labels = [], []
     for label, name in enumerate(classes):
         for f in sorted((path / name).iterdir()):
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 with Image.open(f) as im:
-                    images.append(np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR)))
+                    pixels = np.asarray(im.convert(mode).resize((w, h), Image.BILINEAR))
+                images.append(pixels[..., None] if pixels.ndim == 2 else pixels)
                 labels.append(label)
     if not images:
         raise UserError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class subfolders")

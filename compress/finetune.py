@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from compress.data import batches
 from compress.errors import UserError
+from compress.metrics import check_labels
 from compress.progress import log as note
 from compress.progress import track
 from compress.stages import Context
@@ -83,6 +84,7 @@ def finetune(model: nn.Module, ctx: Context, epochs: int, lr: float = 0.01, batc
     use_kd = distill and teacher is not None
     if ds.labels is None and not use_kd:
         raise UserError(f"fine-tuning on {ds.source} needs labels ('y') or distillation from the original model")
+    check_labels(ds, model, ctx.spec.example(batch=1))
     norm = ctx.normalizer()
     per_epoch = math.ceil(len(ds) / batch_size)
     total = per_epoch * epochs if max_steps is None else min(max_steps, per_epoch * epochs)

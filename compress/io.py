@@ -66,13 +66,14 @@ def check_normalization(mean, std, channels: int | None = None,
         raise UserError(f"{what}: give finite numbers for both mean and std (got mean {list(mean)}, std {list(std)})")
     if any(v <= 0 for v in std):
         raise UserError(f"{what}: std must be positive (got {list(std)})")
-    n = channels or max(len(mean), len(std))
-    mean, std = (v * n if len(v) == 1 else v for v in (mean, std))
-    if len(mean) != n or len(std) != n:
-        has = f"{len(mean)} mean and {len(std)} std values"
-        raise UserError(f"{what}: {has}; the input has {channels} channels: give {channels} values each, or one for all"
-                        if channels else f"{what}: {has}: give the same number of values each, or one for all")
-    return mean, std
+    has = f"{len(mean)} mean and {len(std)} std values"
+    if not channels:  # not known yet (checked again when the model is): the counts must agree, or one be single
+        if len(mean) != len(std) and 1 not in (len(mean), len(std)):
+            raise UserError(f"{what}: {has}: give the same number of values each, or one for all")
+        return mean, std
+    if {len(mean), len(std)} - {1, channels}:
+        raise UserError(f"{what}: {has}; the input has {channels} channels: give {channels} values each, or one for all")
+    return tuple(v * channels if len(v) == 1 else v for v in (mean, std))
 
 
 @dataclass
@@ -106,9 +107,23 @@ def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, In
             factory = getattr(importlib.import_module(mod_name), fn_name)
         except (ImportError, AttributeError) as e:
             raise UserError(f"cannot import architecture {arch!r}: {e}") from None
+        if kwargs and not takes_num_classes(factory):
+            raise UserError(f"--arch {arch}: the checkpoint has {num_classes} outputs, but {fn_name}() takes no "
+                            f"num_classes argument to build that many")
         return factory(**kwargs), InputSpec()
     entry = ARCHS.get(arch)
     return entry.factory(**kwargs), InputSpec(entry.input_shape, entry.mean, entry.std)
+
+
+def takes_num_classes(factory) -> bool:
+    """Whether a model factory accepts num_classes= (the zoo's do; a user's may not)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "num_classes" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = False,
@@ -142,20 +157,40 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
     if input_shape is not None:
         lm.spec.shape = tuple(input_shape)
         _check_input_shape(lm)
+    elif lm.arch is not None and ":" in lm.arch or lm.kind == "pickle":
+        _check_input_shape(lm, hint=True)  # nothing records a custom model's input: the default is a guess
     if normalization is not None:
         lm.spec.set_normalization(*normalization)
+    elif len(lm.spec.shape) == 3 and lm.spec.mean and len(lm.spec.mean) != lm.spec.shape[0]:
+        _default_normalization_for(lm)
     lm.sha256 = digest
     lm.model.eval()
     return lm
 
 
-def _check_input_shape(lm: LoadedModel) -> None:
+def _check_input_shape(lm: LoadedModel, hint: bool = False) -> None:
+    """`hint`: the shape is the default guess, not the user's: say how to give the real one."""
     try:
         with torch.no_grad():
             lm.model.eval()(lm.spec.example(batch=1))
     except Exception as e:  # noqa: BLE001 - any failure means the shape does not fit
-        raise UserError(f"input shape {tuple(lm.spec.shape)} does not fit {lm.source}: "
-                        f"{first_line(e, 160)}") from None
+        shape = ",".join(map(str, lm.spec.shape))
+        if hint:
+            raise UserError(f"{lm.source}: the default input shape {shape} does not fit this model "
+                            f"({first_line(e, 120)}); give its shape with --input-shape C,H,W") from None
+        raise UserError(f"input shape {shape} does not fit {lm.source}: {first_line(e, 160)}") from None
+
+
+def _default_normalization_for(lm: LoadedModel) -> None:
+    """The default mean/std has one value per RGB channel; a model with another channel count gets their average
+    (said aloud: only the user knows what the model was trained with)."""
+    from compress.progress import log
+
+    c = lm.spec.shape[0]
+    mean, std = sum(lm.spec.mean) / len(lm.spec.mean), sum(lm.spec.std) / len(lm.spec.std)
+    lm.spec.mean, lm.spec.std = (round(mean, 4),) * c, (round(std, 4),) * c
+    log(f"{Path(lm.source).name}: {c}-channel input and no normalization given: using mean {mean:.3f}, std {std:.3f} "
+        f"per channel (give the model's own with --mean/--std)")
 
 
 def _sniff(path: Path) -> str:
@@ -228,10 +263,11 @@ def _from_state_dict(obj: dict, source: str, arch: str | None, num_classes: int 
         raise UserError(f"{source} is a state dict: say which architecture it belongs to with --arch "
                         f"(one of {', '.join(ARCHS.names())}, or package.module:factory)")
     state = _unwrap_state_dict(obj)
-    if num_classes is None:
-        linear_w = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
-        num_classes = linear_w[-1].shape[0] if linear_w else None
     model, spec = build_arch(arch, num_classes)
+    if num_classes is None:
+        num_classes = _output_count(model, state)
+        if num_classes is not None:
+            model, spec = build_arch(arch, num_classes)
     expected = model.state_dict()
     # buffers an older or foreign checkpoint may lack without losing anything: taken from the fresh model
     structural = _structural_keys(model) | {k for k in expected if k.endswith("num_batches_tracked")}
@@ -247,6 +283,20 @@ def _from_state_dict(obj: dict, source: str, arch: str | None, num_classes: int 
     model.load_state_dict({**{k: expected[k] for k in structural}, **state}, strict=True)
     return LoadedModel(model, spec, "state_dict", source, arch=arch,
                        arch_kwargs={} if num_classes is None else {"num_classes": num_classes})
+
+
+def _output_count(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """The class count a checkpoint was trained with, when it differs from the freshly built model's: the one
+    layer whose shapes differ only in their output dimension (read from the shapes, not guessed from key order)."""
+    expected = model.state_dict()
+    wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    owners = {k.rsplit(".", 1)[0] for k in wrong}
+    if len(owners) != 1 or f"{next(iter(owners))}.weight" not in wrong:
+        return None
+    w_new, w_old = state[f"{next(iter(owners))}.weight"].shape, expected[f"{next(iter(owners))}.weight"].shape
+    if len(w_new) != len(w_old) or w_new[1:] != w_old[1:]:
+        return None
+    return int(w_new[0])
 
 
 def _from_saved(obj: dict, source: str) -> LoadedModel:

@@ -72,11 +72,27 @@ def predict(forward: Callable[[torch.Tensor], torch.Tensor], ds: Dataset, norm: 
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
-    if len(labels) and labels.max() >= logits.shape[1]:  # else every such image counts as a silent miss
-        from compress.errors import UserError
-        raise UserError(f"the labels go up to {labels.max()} but the model has {logits.shape[1]} outputs: "
-                        f"data and model do not match")
+    _check_label_range(labels, logits.shape[1])  # else every such image counts as a silent miss
     return float((logits.argmax(1) == labels).mean() * 100.0)
+
+
+def _check_label_range(labels: np.ndarray, outputs: int, source: str = "") -> None:
+    if len(labels) and labels.max() >= outputs:
+        from compress.errors import UserError
+        raise UserError(f"{source + ': ' if source else ''}the labels go up to {labels.max()} but the model has "
+                        f"{outputs} outputs: data and model do not match")
+
+
+@torch.no_grad()
+def check_labels(ds: Dataset, model: nn.Module, example: torch.Tensor) -> None:
+    """Before training on `ds`: labels past the model's outputs would stop cross-entropy mid-run with a traceback."""
+    if ds.labels is None:
+        return
+    was_training = model.training
+    out = model.eval()(example)
+    model.train(was_training)
+    if out.ndim == 2:
+        _check_label_range(ds.labels, out.shape[1], ds.source)
 
 
 def evaluate(model: nn.Module, ds: Dataset, norm: Normalizer, batch_size: int = 256) -> float:

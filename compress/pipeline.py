@@ -104,6 +104,14 @@ class Pipeline:
     def _validate(self) -> None:
         """Check every stage's method and options before any work starts: a typo fails in a second."""
         fams = families()
+        from compress.data import check_source
+
+        for specs in self.recipe.data.values():  # a missing file fails now, not when its stage comes
+            for spec in specs if isinstance(specs, list) else [specs]:
+                # generated sources (genie[:N], noise[:N]: a recipe rebases them into its folder) and text corpora
+                generated = Path(spec).name.partition(":")[0] in ("genie", "noise") or spec.startswith("text:")
+                if isinstance(spec, str) and not generated:
+                    check_source(spec)
         quantized_by = None
         for s in self.recipe.stages:
             if s["stage"] in ("prune", "lowrank") and quantized_by is not None:
@@ -130,6 +138,11 @@ class Pipeline:
                 formats = s.get("formats", ["onnx"])
                 for f in formats:
                     EXPORTERS.get(f)
+                if "tensorrt" in formats:  # not after the stages before it have run for minutes
+                    from exporters.tensorrt import import_tensorrt, require_gpu
+
+                    import_tensorrt()
+                    require_gpu()
                 if s.get("precision", "auto") not in PRECISIONS:
                     raise UserError(f"export: unknown precision {s['precision']!r} (one of {', '.join(PRECISIONS)})")
                 if "ort" in formats and s.get("precision") == "fp16":

@@ -56,7 +56,10 @@ def _image_inputs(role: str, labeled: bool):
     def inputs(lm, ctx, n: int, batch_size: int):
         from compress.data import batches
 
+        from compress.metrics import check_labels
+
         ds = ctx.dataset(role, required=True, labeled=labeled).subset(n, seed=ctx.seed)
+        check_labels(ds, lm.model, ctx.spec.example(batch=1))
         return batches(ds, ctx.normalizer(), batch_size), len(ds)
     return inputs
 

@@ -371,6 +371,9 @@ class FTWT(TargetedPruneMethod):
         ds = ctx.dataset("train", required=True)
         if ds.labels is None and teacher is None:
             raise UserError("ftwt trains with a task loss: give labeled --data, or keep --distill")
+        from compress.metrics import check_labels
+
+        check_labels(ds, model, ctx.spec.example(batch=1))
         norm = ctx.normalizer()
         per_epoch = math.ceil(len(ds) / cfg.batch_size)
         total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)

@@ -74,7 +74,7 @@ def test_state_dict_of_another_arch(tmp_path):
 
 def test_wrong_input_shape(tmp_path):
     assert_user_error(run_cli("info", RESNET20, "--arch", "resnet20", "--input-shape", "1,32,32"),
-                      "input shape (1, 32, 32) does not fit")
+                      "input shape 1,32,32 does not fit")
 
 
 def test_unknown_method_and_format(tmp_path):
