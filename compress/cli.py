@@ -371,6 +371,9 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
         if accuracy_data:
             prof["accuracy"] = gates.measure_accuracy(artifact, accuracy_data, runtime,
                                                       load_kw={"input_shape": shape, "normalization": norm})
+    used = (prof.get("accuracy") or {}).get("normalization") or {}
+    if norm is None and used.get("from") == "artifact":  # the reference is the model the artifact came from:
+        norm = (tuple(used["mean"]), tuple(used["std"]))  # same input space (a custom arch records none itself)
     ref = [gates.measure_accuracy(reference, accuracy_data, arch=reference_arch,
                                   load_kw={"trust_pickle": trust_pickle, "normalization": norm})] if reference else None
     if output and artifact.resolve() != Path(output).resolve():

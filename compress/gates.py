@@ -204,10 +204,12 @@ def needs_reference(budgets: list[Budget]) -> bool:
 # ---- accuracy records --------------------------------------------------------------------------------------------
 
 def accuracy_record(top1: float, data: str, n: int | None = None, fingerprint: str | None = None,
-                    model: str | None = None, runtime: str | None = None) -> dict:
-    """What a profile's `accuracy` key holds (and what a reference measurement yields)."""
-    return {"top1": round(float(top1), 4), "data": data, "n": n, "fingerprint": fingerprint, "model": model,
-            "runtime": runtime}
+                    model: str | None = None, runtime: str | None = None, normalization: dict | None = None) -> dict:
+    """What a profile's `accuracy` key holds (and what a reference measurement yields). `normalization`: the
+    mean/std the inputs were normalized with and where they came from (given | artifact | model | default)."""
+    record = {"top1": round(float(top1), 4), "data": data, "n": n, "fingerprint": fingerprint, "model": model,
+              "runtime": runtime}
+    return {**record, "normalization": normalization} if normalization else record
 
 
 def accuracy_drop(current: list[dict], reference: list[dict]) -> tuple[float, str]:
@@ -250,30 +252,39 @@ def measure_accuracy(path: str | Path, data: str, runtime: str | None = None, ar
         dims = (session.inputs[0].shape or ())[1:]
         shape = (load_kw or {}).get("input_shape") or (
             tuple(dims) if dims and all(isinstance(d, int) for d in dims) else (3, 32, 32))
-        mean, std = (load_kw or {}).get("normalization") or artifact_normalization(path, session)
+        given = (load_kw or {}).get("normalization")
+        if given and len(shape) == 3:
+            from compress.io import check_normalization
+
+            given = check_normalization(*given, channels=shape[0])
+        recorded = None if given else artifact_normalization(path, session)
+        origin = "given" if given else "artifact" if recorded else "default"
+        mean, std = given or recorded or _default_normalization(path)
         forward = lambda x: session.run(x.numpy())  # noqa: E731
     else:
         from compress.io import load_model
 
         lm = load_model(path, arch=arch, **(load_kw or {}))
         shape, mean, std = lm.spec.shape, lm.spec.mean, lm.spec.std
+        origin = "given" if (load_kw or {}).get("normalization") else "model"
         lm.model.eval()
         forward = lambda x: lm.model(x).detach().numpy()  # noqa: E731
     ds = load_dataset(data, tuple(shape))
     if ds.labels is None:
         raise UserError(f"{data} has no labels ('y'): accuracy needs labeled data")
     acc = top1(predict(forward, ds, Normalizer(mean, std), batch_size, description=f"accuracy {path.name}"), ds.labels)
-    return accuracy_record(acc, ds.source, len(ds), ds.fingerprint(), str(path), runtime or "torch")
+    return accuracy_record(acc, ds.source, len(ds), ds.fingerprint(), str(path), runtime or "torch",
+                           {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std],
+                            "from": origin})
 
 
-def artifact_normalization(path: Path, session=None) -> tuple[tuple, tuple]:
+def artifact_normalization(path: Path, session=None) -> tuple[tuple, tuple] | None:
     """The mean/std an artifact's inputs expect: recorded in the artifact itself (`compress export` writes it into
     ONNX metadata and OpenVINO rt_info, read through `session`), else in a sidecar (the .ort export's <stem>.json,
-    a model.json) or the manifest.json of the run that exported it; else the CIFAR defaults, said aloud."""
+    a model.json) or the manifest.json of the run that exported it; None when nothing records it."""
     import json
 
     from compress.progress import log
-    from compress.zoo import CIFAR_MEAN, CIFAR_STD
     from runtimes.base import INPUT_METADATA_KEY
 
     recorded = getattr(session, "metadata", {}).get(INPUT_METADATA_KEY)
@@ -297,8 +308,16 @@ def artifact_normalization(path: Path, session=None) -> tuple[tuple, tuple]:
                 return tuple(art["input"]["mean"]), tuple(art["input"]["std"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    log(f"{path.name}: no normalization recorded in or beside it; using the CIFAR default mean/std "
-        f"(give the model's own with --mean/--std)")
+    return None
+
+
+def _default_normalization(path: Path) -> tuple[tuple, tuple]:
+    from compress.progress import log
+    from compress.zoo import CIFAR_MEAN, CIFAR_STD
+
+    log(f"{path.name}: no normalization recorded in or beside it; using the default mean {CIFAR_MEAN} / std "
+        f"{CIFAR_STD} (ImageNet statistics, what the zoo's CIFAR checkpoints expect; give the model's own with "
+        f"--mean/--std)")
     return CIFAR_MEAN, CIFAR_STD
 
 

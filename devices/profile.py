@@ -259,8 +259,8 @@ def _mib(b: int | None) -> str:
     return "?" if b is None else f"{b / 2**20:.1f}"
 
 
-def _size(b: int) -> str:
-    return f"{b / 2**10:.0f} KiB" if b < 2**20 else f"{b / 2**20:.1f} MiB"
+def _size(b: int) -> str:  # powers of 1000, as export / run tables and --budget size= read sizes
+    return f"{b / 1e3:.1f} kB" if b < 1e6 else f"{b / 1e6:.2f} MB"
 
 
 # ---- host details ---------------------------------------------------------------------------------------------

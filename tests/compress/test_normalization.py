@@ -112,3 +112,18 @@ def test_recipe_normalization_must_be_mean_and_std(tmp_path):
     recipe.write_text(f"model: {RESNET20}\narch: resnet20\nnormalization: [0.5, 0.5]\nstages:\n  - {{stage: eval}}\n")
     proc = run_cli("run", recipe, "-o", tmp_path / "out")
     assert proc.returncode == 2 and "normalization is a mapping" in proc.stderr, proc.stderr
+
+
+def test_profile_reference_is_read_in_the_artifacts_input_space(state_dict, tmp_path):
+    """--reference (a state dict of a custom arch records no normalization) is evaluated with the normalization the
+    artifact records: it used to get the default, scored 19.98% against the artifact's 91.73%, and an
+    accuracy.drop gate passed a drop of -72 pt."""
+    out = tmp_path / "m.onnx"
+    assert run_cli("export", state_dict, "--arch", ARCH, "--mean", str(MEAN), "--std", str(STD), "-o", out).returncode == 0
+    proc = run_cli("profile", out, "--iterations", "5", "--warmup", "1", "--accuracy-data", DATA, "--reference",
+                   state_dict, "--reference-arch", ARCH, "--budget", "accuracy.drop=0.5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    prof = json.loads(proc.stdout)
+    assert round(prof["accuracy"]["top1"], 2) == RESNET20_TOP1 and prof["accuracy"]["normalization"]["from"] == "artifact"
+    drop = next(r for r in prof["gates"]["budgets"] if r["metric"] == "accuracy.drop")
+    assert drop["measured"] == pytest.approx(0.0, abs=1e-6), drop
