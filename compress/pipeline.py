@@ -198,6 +198,16 @@ class Pipeline:
             if self.write_manifest:
                 self.result.manifest_path = str(self._write_manifest(status=f"gate failed: {failure}"))
             raise
+        except Exception as failure:
+            # stages that finished left their files: the manifest says what they are and where the run stopped
+            # (a run that failed in its first stage wrote nothing and leaves nothing)
+            if self.write_manifest and self.result.stages:
+                from compress.errors import first_line
+
+                stage = self.recipe.stages[len(self.result.stages)]
+                self.result.manifest_path = str(self._write_manifest(
+                    status=f"failed in stage {len(self.result.stages)} ({stage['stage']}): {first_line(failure, 200)}"))
+            raise
         if self.write_manifest:
             self.result.manifest_path = str(self._write_manifest())
         return self.result

@@ -256,3 +256,19 @@ def test_options_a_rule_would_ignore(tmp_path):
     # one-word keys in a list of options read as options too (was "give one of ratio, --flops-target, ...")
     assert_user_error(run_cli("prune", RESNET20, "--arch", "resnet20", "-m", "l1", "-o", tmp_path / "q.pt"),
                       "give one of --ratio, --flops-target, --latency-target, --speedup-target, --widths")
+
+
+def test_a_run_that_fails_midway_records_what_it_left(tmp_path):
+    """Stages that finished left files: the manifest lists them and says where the run stopped (it used to leave
+    the files and no manifest)."""
+    import json
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {RESNET20}\narch: resnet20\ndata: {{calib: cifar10:{TEST_LOSSLESS}}}\n"
+                      "stages:\n  - {stage: quantize, method: minmax, calib_size: 64}\n"
+                      "  - {stage: export, formats: [onnx], precision: int4, variants: [quantized]}\n")
+    assert_user_error(run_cli("run", recipe, "-o", tmp_path / "out"), "needs a model quantized to 4 bits or fewer",
+                      after_progress=True)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"].startswith("failed in stage 1 (export): --precision int4 needs"), manifest["status"]
+    assert (tmp_path / "out" / "quantized.pt").is_file()
