@@ -319,11 +319,32 @@ def pack_int4(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
         acts += 1
     _remove_dead(g)
     if weights or acts:
+        _axes_as_inputs(g)
         for op in model.opset_import:
             if op.domain in ("", "ai.onnx"):
                 op.version = max(op.version, INT4_OPSET)
         model.ir_version = max(model.ir_version, INT4_IR_VERSION)
     return model, {"int4_weight_tensors": weights, "uint4_activation_grids": acts}
+
+
+# reductions whose `axes` moved from an attribute to an input at opset 18 (ReduceSum did at 13)
+_REDUCE_AXES_INPUT_AT_18 = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                            "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
+
+
+def _axes_as_inputs(g: onnx.GraphProto) -> None:
+    """Raising a graph from opset 17 to 21 (int4): the reductions' `axes` attribute becomes their second input
+    (e.g. MobileNetV2's global average pool exports as ReduceMean(axes=[2, 3]))."""
+    for n in g.node:
+        if n.op_type not in _REDUCE_AXES_INPUT_AT_18:
+            continue
+        axes = next((a for a in n.attribute if a.name == "axes"), None)
+        if axes is None:
+            continue
+        name = f"{n.name or n.output[0]}_axes"
+        g.initializer.append(numpy_helper.from_array(np.asarray(list(axes.ints), np.int64), name))
+        n.attribute.remove(axes)
+        n.input.append(name)
 
 
 def ort_rejects(onnx_path: str | Path, level: str = "all") -> str | None:

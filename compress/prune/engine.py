@@ -349,7 +349,7 @@ def find_ratio(model: nn.Module, example_input: torch.Tensor, importance: Import
     if not candidates or fraction(candidates[-1]) > flops_target:
         lowest = fraction(candidates[-1]) if candidates else 1.0
         raise UserError(f"flops_target {flops_target:g} is out of reach: removing channels uniformly keeps "
-                        f"at least {lowest:.3f} of the FLOPs here")
+                        f"at least {lowest:.3g} of the FLOPs here")
     lo, hi = 0, len(candidates) - 1  # invariant: candidates[hi] meets the target
     while lo < hi:
         mid = (lo + hi) // 2

@@ -42,7 +42,7 @@ channels are removed greedily until it is met (with a latency target the allocat
 least-open channels first, so a consensus below the target gets channels back and widths stay on the latency
 grid); with a FLOPs target, a consensus more than 0.01 below it gets
 its most-open closed channels back up to the target (so methods compare at equal FLOPs). Both are logged and
-recorded ("adjusted", "consensus_flops_fraction").
+recorded ("adjusted", "consensus_flops_fraction"). A --ratio (fraction of channels) is held the same way.
 Reported: achieved FLOPs (not the requested sparsity), the consensus' own FLOPs, the per-sample agreement of the
 hard gates with the consensus mask, and the open-frequency histogram. No fine-tuning unless --finetune-epochs is
 given. The equivalence "extracted == gated where the gates agree" is a test (tests/compress/test_prune_methods.py).
@@ -352,17 +352,26 @@ class Polarization(TargetedPruneMethod):
                                        start=None)
             info.update(how)
             return keep2
-        if cfg.flops_target is not None:
-            frac = lambda w: wm.flops(w) / wm.flops(wm.full)  # noqa: E731
-            if consensus_flops > cfg.flops_target + 1e-9:
-                keep = greedy_keep(wm, importance, frac, cfg.flops_target, start=keep)
+        if cfg.flops_target is not None or cfg.ratio is not None:
+            # the short training rarely lands on the budget: a ratio is held like a FLOPs target (it used to be
+            # left to the consensus, which after a short pass could keep every channel: a silent 0% prune)
+            if cfg.flops_target is not None:
+                target, what = cfg.flops_target, "FLOPs"
+                frac = lambda w: wm.flops(w) / wm.flops(wm.full)  # noqa: E731
+            else:
+                target, what = 1 - cfg.ratio, "channels"
+                total = sum(wm.full[g] for g in q)
+                frac = lambda w: sum(w[g] for g in q) / total  # noqa: E731
+            reached = frac(wm.widths_of(keep))
+            info["consensus_fraction"] = {"of": what, "kept": round(reached, 4)}
+            if reached > target + 1e-9:
+                keep = greedy_keep(wm, importance, frac, target, start=keep)
                 info["adjusted"] = "removed the least-open channels down to the target"
-            elif consensus_flops < cfg.flops_target - 0.01:
-                keep = greedy_fill(wm, importance, frac, cfg.flops_target, keep)
+            elif reached < target - 0.01:
+                keep = greedy_fill(wm, importance, frac, target, keep)
                 info["adjusted"] = "re-opened the most-open closed channels up to the target"
             if "adjusted" in info:
-                log(f"polarization: the consensus keeps {consensus_flops:.3f} of the FLOPs; {info['adjusted']} "
-                    f"({cfg.flops_target:g})")
+                log(f"polarization: the consensus keeps {reached:.3f} of the {what}; {info['adjusted']} ({target:g})")
         if cfg.round_to:  # widths on the runtime's channel grid (free widths cost like the next block up)
             keep = snap_to_grid(wm, importance, keep, cfg, info)
         return keep

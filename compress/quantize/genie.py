@@ -51,7 +51,7 @@ from compress.progress import log, track
 from compress.quantize import METHODS
 from compress.quantize.fakequant import EPS, QUANT_LAYERS, ActQuantizer, FakeQuantizer, WeightQuantizer
 from compress.quantize.genie_data import SynthesisConfig, load_calib, noise_dataset, synthesize, synthetic_dataset
-from compress.quantize.insert import ACT_CONTAINER, QuantScheme, SelectConv, parse_bits, prepare
+from compress.quantize.insert import ACT_CONTAINER, QuantScheme, SelectConv, cap_at_ceilings, parse_bits, prepare
 from compress.stages import Context, Method, MethodConfig, option
 from compress.structure import EDITS
 
@@ -723,11 +723,13 @@ def genie_quantize(model: nn.Module, images: torch.Tensor, cfg: GenieConfig, see
                 y = _run(unit.module, x_fp)       # the float unit on the float input: the target
             stats.append(reconstruct_unit(unit, gm, x_fp, x_q, y, cfg, f"Genie-M {k + 1}/{len(units)} {unit.name}"))
             x_q, x_fp = _run(unit.module, x_q), y  # the quantized network's input to the next unit
+    capped = cap_at_ceilings(gm)  # learned steps past a ReLU6's 6 would keep those convs in float in ONNX Runtime
     if not keep_learnable:
         bake(gm)
     summary = {"units": [u.name for u in units], "reconstruction": stats, "structure": structure.to_edit(),
                "input_grids": fixed_inputs,
                "undecided_bits_max": max((s["undecided_bits"] for s in stats), default=0.0),
+               "grids_capped_at_clip": capped,
                "seconds": round(time.perf_counter() - start, 2)}
     return gm.eval(), summary
 

@@ -251,6 +251,51 @@ def prepare(model: nn.Module, scheme: QuantScheme) -> fx.GraphModule:
     return gm
 
 
+def act_ceilings(gm: fx.GraphModule) -> dict[str, float]:
+    """Activation quantizer key -> the upper clip of the op it quantizes (ReLU6: 6, Hardtanh: max_val).
+
+    ONNX Runtime folds Conv + Clip + QuantizeLinear into one integer conv only when the quantized range ends at or
+    below the clip (then the Clip is redundant); a grid reaching past it leaves the conv in float."""
+    ceilings: dict[str, float] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not str(node.target).startswith(ACT_CONTAINER + ".") or not node.args:
+            continue
+        src = node.args[0]
+        if not isinstance(src, fx.Node):
+            continue
+        mod = _module(gm, src)
+        top = None
+        if isinstance(mod, nn.Hardtanh):  # nn.ReLU6 is a Hardtanh(0, 6)
+            top = float(mod.max_val)
+        elif src.op == "call_function" and src.target is F.relu6:
+            top = 6.0
+        elif src.op == "call_function" and src.target is F.hardtanh:
+            top = float(src.kwargs.get("max_val", src.args[2] if len(src.args) > 2 else 1.0))
+        if top is not None:
+            ceilings.setdefault(str(node.target).split(".", 1)[1], top)
+    return ceilings
+
+
+@torch.no_grad()
+def cap_at_ceilings(gm: fx.GraphModule) -> int:
+    """Shrink activation grids that reach past their op's clip (learned steps drift there: 255 x step = 6.02 after
+    a ReLU6) so that the range ends at the clip: no representable value is lost, and the conv stays an integer
+    kernel in ONNX Runtime. Returns how many grids changed."""
+    container = gm.get_submodule(ACT_CONTAINER)
+    changed = 0
+    for key, top in act_ceilings(gm).items():
+        q = container[key]
+        levels = q.qmax - float(q.zero_point.reshape(-1)[0])
+        if q.per_channel or levels <= 0 or float(q.scale.reshape(-1)[0]) * levels <= top:
+            continue
+        step = torch.tensor(top / levels, dtype=torch.float32)
+        while float(step) * levels > top:  # float32 rounding must not land the top level a hair past the clip
+            step = torch.nextafter(step, torch.tensor(0.0))
+        q.scale.data.fill_(float(step))
+        changed += 1
+    return changed
+
+
 def _through(gm: fx.GraphModule, node: fx.Node, kinds: tuple[str, ...]) -> fx.Node:
     while _kind(gm, node) in kinds and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]

@@ -107,3 +107,20 @@ def test_polarization_latency_plan_thins_from_full_widths_least_open_first(monke
         s = seen["scores"][wm.groups[g].members[0]]
         assert float(s[v < 0.5].max()) < float(s[v > 0.5].min())  # every closed channel below every open one
         assert torch.equal(torch.argsort(s), torch.argsort(v))  # the gates' own order, nothing re-ranked
+
+
+def test_polarization_holds_a_channel_ratio():
+    """--ratio is a budget like --flops-target: a consensus that kept every channel (a short pass whose gates all
+    stayed open) used to be returned as it was, a silent 0% prune; now the least-open channels go."""
+    model = _small_vgg()
+    example = _spec().example(1)
+    wm = WidthModel(model, example)
+    q = {g: torch.linspace(0.99, 0.6, full) for g, full in wm.full.items()}  # every channel open
+    cfg = build_config(METHODS.get("polarization"), {"ratio": 0.5})
+    info = {"_wm": wm, "_pbar": {g: v.clone() for g, v in q.items()}}
+    scores = {m: q[g] for g in q for m in wm.groups[g].members}
+    keep = METHODS.get("polarization").plan(model, _spec(), example, scores, cfg, None, info)
+    kept = sum(len(keep.get(g, range(full))) for g, full in wm.full.items())
+    assert kept <= 0.5 * sum(wm.full.values()) + 1e-9 and "adjusted" in info, info
+    for g, idx in keep.items():  # the least-open channels are the ones removed
+        assert idx == list(range(len(idx)))

@@ -279,3 +279,60 @@ def test_narrow_grids_export_exactly(tmp_path):
     with torch.no_grad():
         ref = net(x).numpy()
     assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+
+
+class _Relu6Net(nn.Module):
+    """Conv -> BN -> ReLU6 -> Conv -> global mean (ReduceMean in ONNX) -> Linear: MobileNetV2's pattern."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.act = nn.ReLU6()
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.conv2(self.act(self.bn1(self.conv1(x))))
+        return self.fc(F.relu(h).mean((2, 3)))
+
+
+def _calibrated(scheme: QuantScheme) -> nn.Module:
+    net = prepare(_randomized(_Relu6Net()), scheme)
+    calibrate(net, Dataset(np.random.default_rng(0).standard_normal((32, 3, 32, 32)).astype(np.float32), None,
+                           "random", prenormalized=True), Normalizer((0, 0, 0), (1, 1, 1)))
+    return net
+
+
+def test_grid_past_a_relu6_is_capped_and_the_conv_stays_integer(tmp_path):
+    """A learned step that puts 255 x step past ReLU6's 6 (Genie drifted to 6.02-6.04 on MobileNetV2) kept ORT from
+    folding Conv + Clip into an integer conv; cap_at_ceilings ends the grid at 6."""
+    from compress.quantize.insert import ACT_CONTAINER, act_ceilings, cap_at_ceilings
+
+    net = _calibrated(QuantScheme())
+    (key, top), = act_ceilings(net).items()
+    q = net.get_submodule(ACT_CONTAINER)[key]
+    assert top == 6.0 and int(q.zero_point) == 0
+    q.scale.data.fill_(6.03 / 255)
+    _export(net, tmp_path / "past.onnx")
+    onnx.save(fold_weight_quantizers(onnx.load(str(tmp_path / "past.onnx"))), str(tmp_path / "past.onnx"))
+    assert not integer_kernel_report(tmp_path / "past.onnx")["all_convs_integer"]  # the failure this guards
+    assert cap_at_ceilings(net) == 1 and float(q.scale) * 255 == pytest.approx(6.0) and float(q.scale) * 255 <= 6.0
+    assert cap_at_ceilings(net) == 0  # already at the clip
+    _export(net, tmp_path / "capped.onnx")
+    onnx.save(fold_weight_quantizers(onnx.load(str(tmp_path / "capped.onnx"))), str(tmp_path / "capped.onnx"))
+    assert integer_kernel_report(tmp_path / "capped.onnx")["all_convs_integer"]
+
+
+def test_int4_export_of_a_graph_with_reduce_mean(tmp_path):
+    """Storing 4-bit grids as int4 raises the graph to opset 21, where ReduceMean takes its axes as an input: the
+    export used to crash in ONNX's checker (MobileNetV2 W4A8)."""
+    from compress.io import InputSpec
+    from exporters.onnx import export_onnx
+
+    net = _calibrated(QuantScheme(w_bits=4, a_bits=8))
+    art = export_onnx(net, InputSpec((3, 32, 32), (0, 0, 0), (1, 1, 1)), tmp_path / "m.onnx")
+    assert art.precision == "int4" and any("stored as ONNX int4" in n for n in art.notes), art.notes
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    means = [n for n in model.graph.node if n.op_type == "ReduceMean"]
+    assert means and all(len(n.input) == 2 and not any(a.name == "axes" for a in n.attribute) for n in means)
+    assert art.parity["top1_agreement"] >= 0.9
