@@ -150,6 +150,8 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
             lm = LoadedModel(obj, InputSpec(), "pickle", str(path))
         elif isinstance(obj, dict) and obj.get("format") == FORMAT:
             lm = _from_saved(obj, str(path))
+            if arch is not None and arch != lm.arch:  # it records its own architecture: a different one is a mix-up
+                raise UserError(f"{path} is a saved {lm.arch} model; --arch {arch} does not apply to it (drop --arch)")
         elif isinstance(obj, dict):
             lm = _from_state_dict(obj, str(path), arch, num_classes)
         else:

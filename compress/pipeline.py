@@ -267,7 +267,9 @@ class Pipeline:
                 path = Path(stage["output"]) if stage.get("output") else self.out_dir / f"{v.name}{SUFFIX.get(fmt, '.' + fmt)}"
                 if fmt in ("openvino", "ort"):  # these exporters name their files by suffix: log what they write
                     path = path.with_suffix(SUFFIX[fmt])
-                log(f"[bold]export[/] {v.name} -> {path.name}")
+                # the input model is the "original" variant: name its file, which is what the user gave (a pruned.pt)
+                label = Path(v.lm.source).name if v.name == "original" else v.name
+                log(f"[bold]export[/] {label} -> {path.name}")
                 # batch None: a dynamic batch axis, unless the model only takes one batch size (a static .pt2)
                 spec = replace(v.lm.spec, batch=batch or v.lm.spec.batch)
                 art = EXPORTERS.get(fmt)(v.lm.model, spec, path, precision, parity_x).to_dict()

@@ -155,7 +155,8 @@ def build_manifest(session, spec: InputSpec, art: Artifact, ort_file: Path, path
                     **({"layout": "NCHW"} if len(t.shape or ()) == 4 else {})} for t in session.inputs],
         "outputs": [{"name": t.name, "shape": _dims(t.shape), "dtype": t.dtype} for t in session.outputs],
         "normalization": {
-            "mean": list(spec.mean), "std": list(spec.std), "scale": 1.0 / 255.0, "channel_order": "RGB",
+            "mean": list(spec.mean), "std": list(spec.std), "scale": 1.0 / 255.0,
+            "channel_order": "RGB" if spec.shape[:1] == (3,) else "GRAY" if spec.shape[:1] == (1,) else None,
             "formula": "x = (pixel * scale - mean[c]) / std[c], pixel in 0..255",
         },
         "labels": labels,

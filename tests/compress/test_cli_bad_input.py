@@ -272,3 +272,10 @@ def test_a_run_that_fails_midway_records_what_it_left(tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["status"].startswith("failed in stage 1 (export): --precision int4 needs"), manifest["status"]
     assert (tmp_path / "out" / "quantized.pt").is_file()
+
+
+def test_saved_model_with_another_arch(tmp_path):
+    # a saved model records its architecture: a different --arch was ignored silently
+    assert run_cli("prune", RESNET20, "--arch", "resnet20", "-m", "l1", "--ratio", "0.3", "-o", tmp_path / "p.pt").returncode == 0
+    assert_user_error(run_cli("info", tmp_path / "p.pt", "--arch", "resnet32"), "is a saved resnet20 model; --arch resnet32")
+    assert run_cli("info", tmp_path / "p.pt", "--arch", "resnet20").returncode == 0

@@ -65,7 +65,7 @@ def test_manifest_fields_and_sha256(resnet20, exported):
     assert m["inputs"] == [{"name": "input", "shape": [-1, 3, 32, 32], "dtype": "float32", "layout": "NCHW"}]
     assert m["outputs"] == [{"name": "logits", "shape": [-1, 10], "dtype": "float32"}]
     assert m["normalization"]["mean"] == list(resnet20.spec.mean) and m["normalization"]["std"] == list(resnet20.spec.std)
-    assert m["normalization"]["scale"] == pytest.approx(1 / 255)
+    assert m["normalization"]["scale"] == pytest.approx(1 / 255) and m["normalization"]["channel_order"] == "RGB"
     assert m["labels"] == CIFAR10_CLASSES and len(m["labels"]) == 10
     assert m["required_operators_config"] == "model.required_operators.config"
     assert m["converter"]["optimization"] == {"style": "fixed", "level": "all", "target_platform": "arm"}
