@@ -146,5 +146,13 @@ def rows_table(rows: list[dict], eval_names: list[str], title: str = "results") 
 
 def print_run(rows: list[dict], result, pipe) -> None:
     console.print(rows_table(rows, list(pipe.eval_sets)))
+    if any(r.get("format") == "ort" and r.get("p50_ms") is not None for r in rows):
+        import platform
+
+        from exporters.ort import TARGET_PLATFORM
+
+        if TARGET_PLATFORM == "arm" and platform.machine().lower() in ("x86_64", "amd64"):
+            console.print("ort: the .ort files are optimized for ARM (phones, boards); on this x86 CPU they run without "
+                          "x86 layout optimizations, slower than .onnx: time them on the target (--device adb:...)")
     if result.manifest_path:
         console.print(f"manifest: {result.manifest_path}")
