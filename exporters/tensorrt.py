@@ -15,12 +15,14 @@ imported/checked on use with a one-line install hint, before any file is written
     cache      a timing cache file is loaded before and saved after every build (per TensorRT version and GPU),
                so rebuilding a variant skips most tactic timing
     output     the serialized engine is written atomically and kept only if it matches torch (parity check run
-               with runtimes/tensorrt.py)
+               with runtimes/tensorrt.py); <name>.engine.json beside it holds the input spec (normalization), which
+               an engine cannot carry
 
 An engine is specific to the GPU model and TensorRT version that built it: build on the target (or its twin).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -91,6 +93,11 @@ def export_tensorrt(model: nn.Module, spec: InputSpec, out: Path, precision: str
             with open_session(tmp, "tensorrt") as session:  # the .part suffix says nothing: name the runtime
                 art.parity = check_parity(model, session.run, parity_inputs(spec, parity_images), final,
                                           f"TensorRT {out.name}")
+    # an engine carries no metadata: the input spec (normalization) goes beside it, where eval/profile look
+    sidecar = Path(f"{out}.json")
+    with atomic_path(sidecar) as tmp:
+        tmp.write_text(json.dumps({"input": art.input}, indent=2) + "\n")
+    art.files = [str(out), str(sidecar)]
     return art.finalize()
 
 

@@ -216,7 +216,12 @@ def test_engine_build_calls(resnet20, tmp_path, monkeypatch, version, flags, pre
     assert ("build", expect["graph"]) in calls
     assert ("profile", "input", (1, 3, 32, 32), (1, 3, 32, 32), (32, 3, 32, 32)) in calls and ("add_profile",) in calls
     assert ("load_cache", b"old") in calls and cache.read_bytes() == b"old+timed"  # loaded before, saved after
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "timing.cache"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.json", "timing.cache"]
+    # the engine has no metadata: its input spec sits beside it, where eval / profile --accuracy-data read it
+    from compress.gates import artifact_normalization
+
+    assert artifact_normalization(tmp_path / "m.engine") == (tuple(resnet20.spec.mean), tuple(resnet20.spec.std))
+    assert art.files == [str(tmp_path / "m.engine"), str(tmp_path / "m.engine.json")]
 
 
 def test_int8_qdq_sets_int8_flag_and_refuses_asymmetric(tmp_path, monkeypatch, resnet20):
