@@ -51,44 +51,46 @@ class Dataset:
 
 
 def load_dataset(spec: str, input_shape: tuple[int, ...] = (3, 32, 32), seed: int = 0) -> Dataset:
+    kind, where = _resolve(spec)
+    if kind == "random":
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn((where, *input_shape), generator=g).numpy()
+        return Dataset(x, None, f"random:{where}", prenormalized=True)
+    if kind == "npz":
+        return _fits(_load_npz(where), input_shape)
+    return _load_folder(where, input_shape)
+
+
+def check_source(spec: str) -> None:
+    """The errors load_dataset would raise for a bad spec or a missing file or folder, without reading any images
+    (recipes check their data before the first stage runs)."""
+    kind, where = _resolve(spec)
+    if kind == "npz" and not where.is_file():
+        raise UserError(f"data file not found: {where}")
+    if kind == "folder" and not where.is_dir():
+        raise UserError(f"data folder not found: {where}")
+
+
+def _resolve(spec: str) -> tuple[str, Path | int]:
+    """A data spec -> ("random", N) | ("npz", path) | ("folder", path); a UserError for a spec that names none."""
     kind, _, rest = spec.partition(":")
     if kind == "random":
         n = int(rest) if rest.isdigit() else -1 if rest else 64
         if n < 1:
             raise UserError(f"data {spec!r}: random:N takes a positive count of inputs, e.g. random:64")
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn((n, *input_shape), generator=g).numpy()
-        return Dataset(x, None, f"random:{n}", prenormalized=True)
+        return "random", n
     if kind in ("cifar10", "npz"):
-        return _fits(_load_npz(Path(rest)), input_shape)
+        return "npz", Path(rest)
     if kind == "folder":
-        return _load_folder(Path(rest), input_shape)
+        return "folder", Path(rest)
     path = Path(spec)
     if path.suffix == ".npz" and (rest == "" or path.exists()):
-        return _fits(_load_npz(path), input_shape)
+        return "npz", path
     if path.is_dir():
-        return _load_folder(path, input_shape)
+        return "folder", path
     if rest and not path.exists():
         raise UserError(f"data {spec!r}: unknown source {kind!r}; use cifar10:PATH.npz, folder:DIR or random[:N]")
     raise UserError(f"cannot read data {spec!r}: use cifar10:PATH.npz, folder:DIR or random[:N]")
-
-
-def check_source(spec: str) -> None:
-    """The errors load_dataset would raise for a missing file or folder, without reading any images (recipes check
-    their data before the first stage runs)."""
-    kind, _, rest = spec.partition(":")
-    if kind == "random":
-        load_dataset(f"random:{1 if not rest else rest}" if rest.isdigit() or not rest else spec)
-    elif kind in ("cifar10", "npz"):
-        if not Path(rest).is_file():
-            raise UserError(f"data file not found: {rest}")
-    elif kind == "folder":
-        if not Path(rest).is_dir():
-            raise UserError(f"data folder not found: {rest}")
-    elif not (Path(spec).suffix == ".npz" and Path(spec).is_file()) and not Path(spec).is_dir():
-        if rest and not Path(spec).exists():
-            raise UserError(f"data {spec!r}: unknown source {kind!r}; use cifar10:PATH.npz, folder:DIR or random[:N]")
-        raise UserError(f"cannot read data {spec!r}: use cifar10:PATH.npz, folder:DIR or random[:N]")
 
 
 def _fits(ds: Dataset, input_shape: tuple[int, ...]) -> Dataset:

@@ -13,7 +13,9 @@ class GateFailed(Exception):
     exit_code = 1
 
 
-def first_line(e: BaseException, limit: int = 160) -> str:
-    """The first non-blank line of an exception's message (its type name when the message is empty), for one-line errors."""
-    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-    return line[:limit]
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The line of an exception a user can act on, for one-line errors: the first non-blank line (OpenVINO leads with
+    C++ source locations: skipped), or the exception's type name when its message is empty."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from src/", "Check '"))]
+    return ((useful or lines or [type(e).__name__])[0])[:limit]

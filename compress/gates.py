@@ -240,7 +240,7 @@ def measure_accuracy(path: str | Path, data: str, runtime: str | None = None, ar
     from compress.metrics import predict, top1
     from runtimes.base import ARTIFACT_RUNTIMES
 
-    path = Path(path)
+    path, load_kw = Path(path), load_kw or {}
     if not path.exists():
         raise UserError(f"model file not found: {path}")
     torch_suffixes = (".pt", ".pth", ".th", ".pt2", ".ts")  # the torch runtime is for profiling; accuracy loads the model
@@ -250,23 +250,24 @@ def measure_accuracy(path: str | Path, data: str, runtime: str | None = None, ar
 
         session = open_session(path, runtime)
         dims = (session.inputs[0].shape or ())[1:]
-        shape = (load_kw or {}).get("input_shape") or (
+        shape = load_kw.get("input_shape") or (
             tuple(dims) if dims and all(isinstance(d, int) for d in dims) else (3, 32, 32))
-        given = (load_kw or {}).get("normalization")
-        if given and len(shape) == 3:
+        channels = shape[0] if len(shape) == 3 else None
+        given = load_kw.get("normalization")
+        if given and channels:
             from compress.io import check_normalization
 
-            given = check_normalization(*given, channels=shape[0])
+            given = check_normalization(*given, channels=channels)
         recorded = None if given else artifact_normalization(path, session)
         origin = "given" if given else "artifact" if recorded else "default"
-        mean, std = given or recorded or _default_normalization(path)
+        mean, std = given or recorded or _default_normalization(path, channels)
         forward = lambda x: session.run(x.numpy())  # noqa: E731
     else:
         from compress.io import load_model
 
-        lm = load_model(path, arch=arch, **(load_kw or {}))
+        lm = load_model(path, arch=arch, **load_kw)
         shape, mean, std = lm.spec.shape, lm.spec.mean, lm.spec.std
-        origin = "given" if (load_kw or {}).get("normalization") else "model"
+        origin = "given" if load_kw.get("normalization") else "model"
         lm.model.eval()
         forward = lambda x: lm.model(x).detach().numpy()  # noqa: E731
     ds = load_dataset(data, tuple(shape))
@@ -311,14 +312,14 @@ def artifact_normalization(path: Path, session=None) -> tuple[tuple, tuple] | No
     return None
 
 
-def _default_normalization(path: Path) -> tuple[tuple, tuple]:
+def _default_normalization(path: Path, channels: int | None) -> tuple[tuple, tuple]:
+    from compress.io import default_normalization
     from compress.progress import log
-    from compress.zoo import CIFAR_MEAN, CIFAR_STD
 
-    log(f"{path.name}: no normalization recorded in or beside it; using the default mean {CIFAR_MEAN} / std "
-        f"{CIFAR_STD} (ImageNet statistics, what the zoo's CIFAR checkpoints expect; give the model's own with "
-        f"--mean/--std)")
-    return CIFAR_MEAN, CIFAR_STD
+    mean, std = default_normalization(channels)
+    log(f"{path.name}: no normalization recorded in or beside it; using the default mean {mean} / std {std} "
+        f"(ImageNet statistics, what the zoo's CIFAR checkpoints expect; give the model's own with --mean/--std)")
+    return mean, std
 
 
 # ---- budgets ---------------------------------------------------------------------------------------------------

@@ -129,8 +129,8 @@ def takes_num_classes(factory) -> bool:
 def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = False,
                input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
                normalization: tuple | None = None) -> LoadedModel:
-    """`normalization`: (mean, std) the model expects, overriding its own (zoo entry or saved spec; the CIFAR
-    default for custom archs, .pt2 and TorchScript, which record none)."""
+    """`normalization`: (mean, std) the model expects, overriding its own (zoo entry or saved spec; for custom archs,
+    .pt2 and TorchScript, which record none, `default_normalization`)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model file not found: {path}")
@@ -183,16 +183,23 @@ def _check_input_shape(lm: LoadedModel, hint: bool = False) -> None:
         raise UserError(f"input shape {shape} does not fit {lm.source}: {first_line(e, 160)}") from None
 
 
+def default_normalization(channels: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The zoo's mean/std (ImageNet's, one value per RGB channel); for another channel count, their average on
+    every channel (only the user knows what such a model was trained with: callers say so aloud)."""
+    if channels in (None, len(CIFAR_MEAN)):
+        return CIFAR_MEAN, CIFAR_STD
+    mean, std = sum(CIFAR_MEAN) / len(CIFAR_MEAN), sum(CIFAR_STD) / len(CIFAR_STD)
+    return (round(mean, 4),) * channels, (round(std, 4),) * channels
+
+
 def _default_normalization_for(lm: LoadedModel) -> None:
-    """The default mean/std has one value per RGB channel; a model with another channel count gets their average
-    (said aloud: only the user knows what the model was trained with)."""
+    """A model whose input is not RGB and that records no normalization of its own gets the default's average."""
     from compress.progress import log
 
     c = lm.spec.shape[0]
-    mean, std = sum(lm.spec.mean) / len(lm.spec.mean), sum(lm.spec.std) / len(lm.spec.std)
-    lm.spec.mean, lm.spec.std = (round(mean, 4),) * c, (round(std, 4),) * c
-    log(f"{Path(lm.source).name}: {c}-channel input and no normalization given: using mean {mean:.3f}, std {std:.3f} "
-        f"per channel (give the model's own with --mean/--std)")
+    lm.spec.mean, lm.spec.std = default_normalization(c)
+    log(f"{Path(lm.source).name}: {c}-channel input and no normalization given: using mean {lm.spec.mean[0]:.3f}, "
+        f"std {lm.spec.std[0]:.3f} per channel (give the model's own with --mean/--std)")
 
 
 def _sniff(path: Path) -> str:
@@ -293,9 +300,12 @@ def _output_count(model: nn.Module, state: dict[str, torch.Tensor]) -> int | Non
     expected = model.state_dict()
     wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
     owners = {k.rsplit(".", 1)[0] for k in wrong}
-    if len(owners) != 1 or f"{next(iter(owners))}.weight" not in wrong:
+    if len(owners) != 1:
         return None
-    w_new, w_old = state[f"{next(iter(owners))}.weight"].shape, expected[f"{next(iter(owners))}.weight"].shape
+    weight = f"{owners.pop()}.weight"
+    if weight not in wrong:
+        return None
+    w_new, w_old = state[weight].shape, expected[weight].shape
     if len(w_new) != len(w_old) or w_new[1:] != w_old[1:]:
         return None
     return int(w_new[0])

@@ -108,9 +108,10 @@ class Pipeline:
 
         for specs in self.recipe.data.values():  # a missing file fails now, not when its stage comes
             for spec in specs if isinstance(specs, list) else [specs]:
+                if not isinstance(spec, str):
+                    continue
                 # generated sources (genie[:N], noise[:N]: a recipe rebases them into its folder) and text corpora
-                generated = Path(spec).name.partition(":")[0] in ("genie", "noise") or spec.startswith("text:")
-                if isinstance(spec, str) and not generated:
+                if Path(spec).name.partition(":")[0] not in ("genie", "noise") and not spec.startswith("text:"):
                     check_source(spec)
         quantized_by = None
         for s in self.recipe.stages:

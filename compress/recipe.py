@@ -86,7 +86,7 @@ class Recipe:
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(e, "problem", None) or first_line(e)
+            problem = getattr(e, "problem", None) or first_line(e, 160)
             raise UserError(f"{path}: not valid YAML{where}: {problem}") from None
         return cls.from_dict(d, base=path.resolve().parent)
 

@@ -15,7 +15,7 @@ from typing import Union
 
 import numpy as np
 
-from compress.errors import UserError
+from compress.errors import UserError, first_line
 
 Dim = Union[int, str, None]  # str or None: a dynamic dimension (str: its symbolic name in the artifact)
 
@@ -31,13 +31,6 @@ ARTIFACT_RUNTIMES = {
 # the key under which `compress export` records the input spec (name, shape, mean, std) in the artifact itself:
 # ONNX metadata_props, OpenVINO rt_info (["compress", "input"]); a JSON string
 INPUT_METADATA_KEY = "compress.input"
-
-
-def first_line(e: BaseException, limit: int = 200) -> str:
-    """The line of an exception a user can act on (OpenVINO leads with C++ source locations: skipped)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(("Exception from src/", "Check '"))]
-    return ((useful or lines or [type(e).__name__])[0])[:limit]
 
 
 def require(package: str, hint: str) -> ModuleType:

@@ -118,3 +118,20 @@ def test_recipe_data_and_tensorrt_are_checked_before_any_stage(files, tmp_path):
                           "stages:\n  - {stage: prune, method: l1, ratio: 0.25}\n  - {stage: export, formats: [onnx, tensorrt]}\n")
         assert "TensorRT export needs the tensorrt package" in _error("run", recipe, "-o", tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+def test_one_channel_artifact_without_recorded_normalization(files, tmp_path):
+    """An artifact that records no normalization gets the default, spread over its channels: a 1-channel ONNX got
+    the 3-value RGB default and failed at the runtime."""
+    import onnx
+
+    out = tmp_path / "g.onnx"
+    assert run_cli("export", files / "gray5.pt", "--arch", f"{MODULE}:graynet", "--input-shape", "1,28,28",
+                   "-o", out).returncode == 0
+    model = onnx.load(str(out))
+    del model.metadata_props[:]
+    onnx.save(model, str(out))
+    proc = run_cli("eval", out, "--data", f"cifar10:{files / 'gray28.npz'}", "--json")
+    assert proc.returncode == 0 and "no normalization recorded" in proc.stderr, proc.stderr
+    assert _ok("eval", files / "gray5.pt", "--arch", f"{MODULE}:graynet", "--input-shape", "1,28,28",
+               "--data", f"cifar10:{files / 'gray28.npz'}")["accuracy"] == json.loads(proc.stdout)["accuracy"]
