@@ -275,10 +275,10 @@ def export(model: Path, fmt: str, batch: int | None, precision: str, output: Pat
     seeded random inputs (which exercise the graph but say less about real-data agreement)."""
     from compress.fileio import check_output_file
     from compress.report import print_artifacts
-    from exporters import EXPORTERS, SUFFIX
+    from exporters import EXPORTERS, artifact_path
 
     EXPORTERS.get(fmt)
-    out = Path(output) if output else Path(model.stem + SUFFIX.get(fmt, "." + fmt))
+    out = artifact_path(Path(output) if output else Path(model.stem), fmt)
     check_output_file(out, create_parent=False)  # before the model loads: a folder or unwritable place fails at once
     stage = {"stage": "export", "formats": [fmt], "precision": precision, "variants": ["original"], "output": str(out)}
     if batch:

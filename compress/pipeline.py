@@ -252,7 +252,7 @@ class Pipeline:
     _stage_prune = _stage_quantize = _stage_lowrank = _compress
 
     def _stage_export(self, stage: dict) -> dict:
-        from exporters import EXPORTERS, SUFFIX
+        from exporters import EXPORTERS, artifact_path
 
         if self.out_dir is None:
             raise UserError("export needs an output folder (-o)")
@@ -265,9 +265,7 @@ class Pipeline:
         made = []
         for v in variants:
             for fmt in formats:
-                path = Path(stage["output"]) if stage.get("output") else self.out_dir / f"{v.name}{SUFFIX.get(fmt, '.' + fmt)}"
-                if fmt in ("openvino", "ort"):  # these exporters name their files by suffix: log what they write
-                    path = path.with_suffix(SUFFIX[fmt])
+                path = artifact_path(Path(stage["output"]) if stage.get("output") else self.out_dir / v.name, fmt)
                 # the input model is the "original" variant: name its file, which is what the user gave (a pruned.pt)
                 label = Path(v.lm.source).name if v.name == "original" else v.name
                 log(f"[bold]export[/] {label} -> {path.name}")
@@ -275,6 +273,7 @@ class Pipeline:
                 spec = replace(v.lm.spec, batch=batch or v.lm.spec.batch)
                 art = EXPORTERS.get(fmt)(v.lm.model, spec, path, precision, parity_x).to_dict()
                 art["variant"] = v.name
+                art["notes"] = [*_method_notes(v.lm), *art["notes"]]
                 if stage.get("eval", True) and self.eval_sets:
                     art["accuracy"] = self._accuracy_artifact(art)
                 self.result.artifacts.append(art)
@@ -417,6 +416,16 @@ class Pipeline:
 
 def _mib(n: int | None) -> float | None:
     return None if n is None else round(n / (1 << 20), 1)
+
+
+def _method_notes(lm: LoadedModel) -> list[str]:
+    """What the methods that made this model say about exporting it (FTWT: static vs masked-dense)."""
+    notes = []
+    for entry in lm.history:
+        fam = families().get(entry.get("stage"))
+        if fam is not None and entry.get("method") in fam:
+            notes += fam.get(entry["method"]).export_notes(entry)
+    return notes
 
 
 def _clone(lm: LoadedModel) -> LoadedModel:

@@ -69,6 +69,10 @@ class Method:
     def apply(self, lm: LoadedModel, cfg: Any, ctx: Context) -> LoadedModel:
         raise NotImplementedError
 
+    def export_notes(self, entry: dict) -> list[str]:
+        """What an export of a model this method made must tell the user (entry: the method's history record)."""
+        return []
+
 
 def config_fields(cfg_cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cfg_cls)}

@@ -489,6 +489,23 @@ class FTWT(TargetedPruneMethod):
         info["kept_below_threshold"] = below
         return keep
 
+    def export_notes(self, entry: dict) -> list[str]:
+        """The issue's deployment contract, repeated where the user exports: which form this is, and the firing
+        histogram it was derived from (measured at prune time on the calibration images)."""
+        hist = entry.get("firing_histogram")
+        firing = (f"channel firing on {entry.get('dynamic', {}).get('images', '?')} calibration images: "
+                  f"{hist['always_open(>=99%)']} always on, {hist['never_open(<=1%)']} never on, "
+                  f"{hist['input_dependent']} input-dependent of {hist['total']}") if hist else None
+        if entry.get("variant") == "masked-dense":
+            return [f"ftwt masked-dense graph (predictors + masks over the dense convs), for parity checks: "
+                    f"per-input sparsity gives no speed-up on dense runtimes, every channel is computed and then "
+                    f"masked, so it is slower than the dense model; deploy the static model (compress prune -m ftwt "
+                    f"without masked_dense)" + (f"; {firing}" if firing else "")]
+        notes = ["ftwt static model: channels removed by their firing frequency "
+                 f"({entry.get('allocation', 'firing frequencies')}); per-input sparsity gives no speed-up on "
+                 f"dense runtimes, so this physically smaller network is what deploys"]
+        return notes + ([firing] if firing else [])
+
     def result_model(self, model, lm: LoadedModel, cfg: FTWTConfig, ctx, info) -> LoadedModel | None:
         if not cfg.masked_dense:
             return None

@@ -32,3 +32,18 @@ def test_torch_threads_from_environment():
 def test_torch_threads_out_of_range():
     bad = run_cli("--torch-threads", "0", "info", RESNET20, "--arch", "resnet20")
     assert bad.returncode == 2 and "--torch-threads" in bad.stderr
+
+
+def test_export_path_carries_the_format_suffix():
+    """profile, eval and the runtimes tell a format by the suffix: `-o model` must not write a suffix-less file."""
+    from pathlib import Path
+
+    from exporters import artifact_path
+
+    assert artifact_path(Path("out/model"), "onnx") == Path("out/model.onnx")
+    assert artifact_path(Path("model.v2"), "onnx") == Path("model.v2.onnx")
+    assert artifact_path(Path("model.ONNX"), "onnx") == Path("model.ONNX")
+    assert artifact_path(Path("model.onnx"), "openvino") == Path("model.xml")
+    assert artifact_path(Path("model"), "ort") == Path("model.ort")
+    assert artifact_path(Path("model.plan"), "tensorrt") == Path("model.plan")
+    assert artifact_path(Path("model.onnx"), "tensorrt") == Path("model.engine")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,6 +241,17 @@ def test_ftwt_static_default_and_masked_dense_reload(tmp_path):
     assert outs[False].history[-1]["flops_after"] <= 0.6 * outs[False].history[-1]["flops_before"] + 1
     assert "firing_histogram" in outs[False].history[-1]
     assert any(e["kind"] == "ftwt" for e in outs[True].edits)
+    # `compress export` says which form it exports and repeats the firing histogram (issue 3's deployment contract)
+    for dense, form in ((False, "static model"), (True, "masked-dense graph")):
+        r = run_cli("export", tmp_path / f"ftwt{int(dense)}.pt", "-o", tmp_path / f"art{int(dense)}", "--json",
+                    cwd=Path(__file__).resolve().parents[2])
+        assert r.returncode == 0, r.stderr
+        art = json.loads(r.stdout)["artifacts"][0]
+        assert art["path"].endswith(f"art{int(dense)}.onnx")  # the suffix profile and eval tell the format by
+        notes = " ".join(art["notes"])
+        assert form in notes and "no speed-up" in notes
+        hist = outs[dense].history[-1]["firing_histogram"]
+        assert f"{hist['never_open(<=1%)']} never on" in notes and f"of {hist['total']}" in notes
 
 
 def _tiny_arch(num_classes: int = 10) -> nn.Module:
