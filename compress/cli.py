@@ -466,6 +466,19 @@ def synthesize(model: Path, samples: int, preset: str, iters: int | None, batch:
                "bn_layers": summary["bn_layers"], "loss_first": max(first), "loss_last": max(last)}
     _emit(payload, as_json, lambda: print_kv(f"Genie-D -> {out}", payload))
 
+
+def _quiet_after_verb(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        from compress.progress import set_quiet
+
+        set_quiet(True)
+
+
+for _verb in cli.commands.values():  # `compress export m.pt -q` as well as `compress -q export m.pt`
+    _verb.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_quiet_after_verb,
+                                     help="No progress bars or notes (same as `compress -q`)."))
+
+
 def main() -> None:
     if not os.environ.get("COMPRESS_DEBUG"):
         # library warnings (pickle protocol notes, exporter deprecations) are noise to a CLI user

@@ -47,3 +47,11 @@ def test_export_path_carries_the_format_suffix():
     assert artifact_path(Path("model"), "ort") == Path("model.ort")
     assert artifact_path(Path("model.plan"), "tensorrt") == Path("model.plan")
     assert artifact_path(Path("model.onnx"), "tensorrt") == Path("model.engine")
+
+
+def test_quiet_after_the_verb(tmp_path):
+    loud = run_cli("export", RESNET20, "--arch", "resnet20", "-o", tmp_path / "a.onnx")
+    quiet = run_cli("export", RESNET20, "--arch", "resnet20", "-o", tmp_path / "b.onnx", "-q")
+    assert loud.returncode == quiet.returncode == 0, (loud.stderr, quiet.stderr)
+    assert "export resnet20-12fca82f.th -> a.onnx" in loud.stderr
+    assert quiet.stderr == "" and "exported" in quiet.stdout  # notes gone, the result table stays
