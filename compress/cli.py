@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -47,7 +48,9 @@ def output_options(f):
 
 def data_options(f):
     f = click.option("--data", "train", help="Training / fine-tuning data, e.g. cifar10:train.npz (labels optional).")(f)
-    f = click.option("--calib", help="Calibration data (unlabeled is fine); defaults to --data.")(f)
+    f = click.option("--calib", help="Calibration data (unlabeled is fine), e.g. cifar10:calib.npz; genie[:N] "
+                                     "synthesizes it from the BatchNorm statistics, noise[:N] is Gaussian noise; "
+                                     "defaults to --data (for -m genie without --data: genie).")(f)
     f = click.option("--eval-data", "eval_data", multiple=True, help="Labeled data to report accuracy on (repeatable).")(f)
     f = click.option("--seed", type=int, default=0, show_default=True)(f)
     f = click.option("--save-recipe", type=click.Path(path_type=Path), help="Also write the recipe this call corresponds to.")(f)
@@ -127,9 +130,8 @@ def _recipe(model: str, kw: dict, stages: list[dict]) -> Recipe:
 def _run(recipe: Recipe, out_dir: Path | None, save_recipe: Path | None = None, manifest_name: str | None = None):
     from compress.pipeline import Pipeline
 
-    if save_recipe:
-        recipe.save(save_recipe)
-    pipe = Pipeline(recipe, out_dir, write_manifest=manifest_name is not None, manifest_name=manifest_name or "manifest.json")
+    pipe = Pipeline(recipe, out_dir, write_manifest=manifest_name is not None, manifest_name=manifest_name or "manifest.json",
+                    save_recipe=save_recipe)
     return pipe, pipe.run()
 
 
@@ -236,7 +238,12 @@ def _compress_verb(family: str, verb_help: str):
         cfg = {k: kw.pop(k) for k in names if kw.get(k) is not None}
         for k in names:
             kw.pop(k, None)
+        from compress.fileio import check_output_file
+
         out = Path(output) if output else Path(f"{model.stem}.{DEFAULT_NAMES[family]}.pt")
+        for path in (out, save_recipe):  # a folder or an unwritable place fails now, not after the work
+            if path is not None:
+                check_output_file(path, create_parent=False)
         stage = {"stage": family, "method": method, "name": out.stem, "output": str(out), **cfg}
         recipe = _recipe(str(model), kw, [stage])
         try:
@@ -374,8 +381,11 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
     used = (prof.get("accuracy") or {}).get("normalization") or {}
     if norm is None and used.get("from") == "artifact":  # the reference is the model the artifact came from:
         norm = (tuple(used["mean"]), tuple(used["std"]))  # same input space (a custom arch records none itself)
-    ref = [gates.measure_accuracy(reference, accuracy_data, arch=reference_arch,
-                                  load_kw={"trust_pickle": trust_pickle, "normalization": norm})] if reference else None
+    try:
+        ref = [gates.measure_accuracy(reference, accuracy_data, arch=reference_arch,
+                                      load_kw={"trust_pickle": trust_pickle, "normalization": norm})] if reference else None
+    except UserError as e:  # the loader speaks of --arch; here the option is --reference-arch
+        raise UserError(str(e).replace("--arch", "--reference-arch")) from None
     if output and artifact.resolve() != Path(output).resolve():
         with atomic_path(output) as tmp:
             tmp.write_text(json.dumps(prof, indent=2))
@@ -409,13 +419,27 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
 def run(recipe: Path, output: Path | None, as_json: bool) -> None:
     """Run a YAML recipe (stages: eval, prune, quantize, lowrank, export, profile) into one output folder
     (-o; default out/NAME, NAME being the recipe's `name:` or its file name)."""
-    from compress.report import print_run
+    from compress.pipeline import Pipeline
 
     r = Recipe.load(recipe)
     out = Path(output) if output else Path("out") / (r.name or recipe.stem)
-    pipe, result = _run(r, out, manifest_name="manifest.json")
+    pipe = Pipeline(r, out, manifest_name="manifest.json", replace_previous=True)
+    try:
+        result = pipe.run()
+    except GateFailed:  # a failed budget still reports everything it measured (a CI job reads it), then exits 1
+        _report_run(pipe, as_json)
+        raise
+    _report_run(pipe, as_json)
+
+
+def _report_run(pipe, as_json: bool) -> None:
+    from compress.report import print_run
+
+    result = pipe.result
     rows = result.rows(list(pipe.eval_sets))
-    _emit({"manifest": result.manifest_path, "table": rows}, as_json, lambda: print_run(rows, result, pipe))
+    gates = [{"artifact": p["artifact"], "device": p["device"], **p["gates"]} for p in result.profiles if "gates" in p]
+    _emit({"manifest": result.manifest_path, "table": rows, **({"gates": gates} if gates else {})}, as_json,
+          lambda: print_run(rows, result, pipe))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -479,16 +503,29 @@ for _verb in cli.commands.values():  # `compress export m.pt -q` as well as `com
                                      help="No progress bars or notes (same as `compress -q`)."))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so every cleanup written for Ctrl-C runs."""
+
+
+def _terminate(_signum, _frame) -> None:
+    raise Terminated()
+
+
 def main() -> None:
     if not os.environ.get("COMPRESS_DEBUG"):
         # library warnings (pickle protocol notes, exporter deprecations) are noise to a CLI user
         import warnings
 
         warnings.filterwarnings("ignore")
+    # SIGTERM (a cancelled CI job) unwinds like Ctrl-C: profiling agents are stopped, temp files removed
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         rc = cli.main(standalone_mode=False)  # returns the exit code for --help / --version
         sys.exit(rc if isinstance(rc, int) else 0)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:  # click turns a KeyboardInterrupt inside a command into Abort
+        if isinstance(e.__context__, Terminated):
+            click.echo("terminated", err=True)
+            sys.exit(143)
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.UsageError as e:  # one line, like every other error; the usage text is one --help away
@@ -502,6 +539,9 @@ def main() -> None:
     except (UserError, GateFailed) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
+    except Terminated:
+        click.echo("terminated", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

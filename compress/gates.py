@@ -36,7 +36,8 @@ threshold on two medians would flag noise, so the verdict comes from the runs' s
   * the median difference (medians of all runs), absolute and relative, with a 95% bootstrap CI that resamples
     whole blocks (seeded, 2000 resamples);
   * "slower" = p < alpha AND the median is more than `max_slowdown` above the baseline's (minimum effect size,
-    default 5%); "faster" symmetric; otherwise "no significant change". Only "slower" fails the gate.
+    default 5%); "faster" symmetric; "within tolerance" when significant but smaller; otherwise "no
+    significant change". Only "slower" fails the gate.
   Blocks absorb short bursts, not a machine that is slower for the whole of one profile: compare profiles taken
   on the same machine, back to back (examples/ci re-profiles the baseline artifact in the same job). Profiles
   from different machines, runtimes or thread counts are compared with a warning; a different batch or input
@@ -441,7 +442,8 @@ def bootstrap_median_diff(base: np.ndarray, new: np.ndarray, n_boot: int = BOOTS
 
 def compare_profiles(baseline: dict, current: dict, alpha: float = DEFAULT_ALPHA,
                      max_slowdown: float = DEFAULT_MAX_SLOWDOWN, seed: int = 0) -> dict:
-    """Latency of `current` vs `baseline` from their samples: verdict faster | slower | no significant change."""
+    """Latency of `current` vs `baseline` from their samples: verdict faster | slower | within tolerance | no
+    significant change."""
     _check_comparable(baseline, current)
     base = np.asarray(baseline["samples_ms"], dtype=np.float64)
     new = np.asarray(current["samples_ms"], dtype=np.float64)
@@ -457,6 +459,8 @@ def compare_profiles(baseline: dict, current: dict, alpha: float = DEFAULT_ALPHA
         verdict = "slower"
     elif significant and rel < -max_slowdown:
         verdict = "faster"
+    elif significant:  # real, but smaller than the effect size that matters
+        verdict = "within tolerance"
     else:
         verdict = "no significant change"
     why = (f"p = {_p(p)} {'<' if significant else '>='} alpha {alpha:g}" +
@@ -582,7 +586,7 @@ def to_markdown(report: dict, profile: dict | None = None) -> str:
         lines.append("")
     c = report.get("baseline")
     if c:
-        mark = {"slower": "❌ slower", "faster": "🚀 faster"}.get(c["verdict"], "➖ no significant change")
+        mark = {"slower": "❌ slower", "faster": "🚀 faster"}.get(c["verdict"], "➖ " + c["verdict"])
         lines += ["| vs baseline | baseline p50 | current p50 | Δ median (95% CI) | p-value | verdict |",
                   "|---|---|---|---|---|---|",
                   f"| latency | {c['baseline']['median_ms']:.3f} ms (n={c['baseline']['n']}) | "

@@ -94,7 +94,8 @@ class LoadedModel:
 
     def require_compressible(self, verb: str) -> None:
         if not self.compressible:
-            raise UserError(f"{self.source} is a {self.kind} file: `{verb}` needs an nn.Module with its "
+            kind = {"export": "torch.export (.pt2)", "torchscript": "TorchScript"}.get(self.kind, self.kind)
+            raise UserError(f"{self.source} is a {kind} file: `{verb}` needs an nn.Module with its "
                             f"architecture (a state dict with --arch, or a model saved by this toolchain)")
 
 

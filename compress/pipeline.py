@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -72,14 +73,49 @@ class RunResult:
                              "flops": v.metrics.get("flops"), "size_bytes": v.metrics.get("size_bytes")})
         for a in self.artifacts:
             v = self.variants[a["variant"]]
-            prof = next((p for p in self.profiles if p["artifact"] == a["path"]), None)
-            lat = (prof or {}).get("latency_ms", {})
-            rows.append({"model": a["variant"], "format": a["format"], "precision": a["precision"],
-                         "accuracy": a.get("accuracy", {}), "params": v.metrics.get("params"),
-                         "flops": v.metrics.get("flops"), "size_bytes": a["size_bytes"],
-                         "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"),
-                         "peak_rss_mb": _mib((prof or {}).get("memory", {}).get("peak_rss_bytes"))})
+            # one row per device it was profiled on (a profile stage each), in stage order
+            for prof in [p for p in self.profiles if p["artifact"] == a["path"]] or [None]:
+                lat = (prof or {}).get("latency_ms", {})
+                rows.append({"model": a["variant"], "format": a["format"], "precision": a["precision"],
+                             "accuracy": a.get("accuracy", {}), "params": v.metrics.get("params"),
+                             "flops": v.metrics.get("flops"), "size_bytes": a["size_bytes"],
+                             "device": (prof or {}).get("device"), "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"),
+                             "peak_rss_mb": _mib((prof or {}).get("memory", {}).get("peak_rss_bytes"))})
         return rows
+
+
+EXPORT_KEYS = ("stage", "formats", "format", "precision", "batch", "variants", "output", "eval")
+
+
+def _check_keys(stage: dict, known: tuple[str, ...]) -> None:
+    unknown = sorted(set(stage) - set(known))
+    if unknown:
+        raise UserError(f"{stage['stage']} stage: unknown key(s) {', '.join(unknown)} (it takes {', '.join(known[1:])})")
+
+
+def _export_formats(stage: dict) -> list[str]:
+    """`formats: [onnx, openvino]`, `formats: onnx` or `format: onnx` (the CLI's singular)."""
+    formats = stage.get("formats", stage.get("format", "onnx"))
+    formats = [formats] if isinstance(formats, str) else formats
+    if not isinstance(formats, list) or not formats or not all(isinstance(f, str) for f in formats):
+        raise UserError(f"export: formats must be a format or a list of them (onnx, openvino, ort, tensorrt), "
+                        f"got {formats!r}")
+    return formats
+
+
+def _export_variants(stage: dict) -> str | list:
+    chosen = stage.get("variants", "all")
+    return [chosen] if isinstance(chosen, str) and chosen != "all" else chosen
+
+
+def _profile_options(stage: dict) -> dict:
+    """A profile stage's measuring and device options (every key but the stage's own)."""
+    return {k: v for k, v in stage.items() if k not in ("stage", "budget", "rounds")}
+
+
+def _device_name(spec: str) -> str:
+    """A device spec as shown and recorded: without its ?options (key files, interpreters)."""
+    return str(spec or "local").strip().split("?", 1)[0] or "local"
 
 
 def _check_positive_int(value: Any, what: str, meaning: str = "") -> None:
@@ -89,8 +125,10 @@ def _check_positive_int(value: Any, what: str, meaning: str = "") -> None:
 
 class Pipeline:
     def __init__(self, recipe: Recipe, out_dir: Path | None, write_manifest: bool = True,
-                 manifest_name: str = "manifest.json"):
+                 manifest_name: str = "manifest.json", replace_previous: bool = False, save_recipe: Path | None = None):
         self.manifest_name = manifest_name
+        self.save_recipe = save_recipe
+        self.replace_previous = replace_previous
         self.recipe = recipe
         self._made_out_dir = out_dir is not None and not Path(out_dir).exists()
         self.out_dir = ensure_writable_dir(Path(out_dir)) if out_dir is not None else None
@@ -114,6 +152,7 @@ class Pipeline:
                 if Path(spec).name.partition(":")[0] not in ("genie", "noise") and not spec.startswith("text:"):
                     check_source(spec)
         quantized_by = None
+        names, exported = ["original"], False  # the variants each stage will see, as _unique will name them
         for s in self.recipe.stages:
             if s["stage"] in ("prune", "lowrank") and quantized_by is not None:
                 raise UserError(f"stage {s['stage']} comes after {quantized_by}: {s['stage']} the float model, then "
@@ -132,13 +171,27 @@ class Pipeline:
                 if getattr(cfg, "finetune_epochs", 0) and not self.recipe.data.get("train"):
                     raise UserError(f"stage {s['stage']}: finetune_epochs {cfg.finetune_epochs} needs train data: pass "
                                     f"--data (or `data: {{train: ...}}` in the recipe)")
+                base, i = name or DEFAULT_NAMES[s["stage"]], 2
+                names.append(base)
+                while names.count(names[-1]) > 1:
+                    names[-1], i = f"{base}{i}", i + 1
             elif s["stage"] == "export":
                 from exporters import EXPORTERS
                 from exporters.base import PRECISIONS
 
-                formats = s.get("formats", ["onnx"])
+                _check_keys(s, EXPORT_KEYS)
+                formats = _export_formats(s)
                 for f in formats:
                     EXPORTERS.get(f)
+                chosen = _export_variants(s)
+                if chosen != "all":
+                    if not isinstance(chosen, list) or not all(isinstance(n, str) for n in chosen):
+                        raise UserError(f"export: variants must be `all` or a list of names, got {chosen!r}")
+                    unknown = [n for n in chosen if n not in names]
+                    if unknown:
+                        raise UserError(f"export: no variant {', '.join(map(repr, unknown))} at this point of the recipe "
+                                        f"(there are: {', '.join(names)})")
+                exported = True
                 if "tensorrt" in formats:  # not after the stages before it have run for minutes
                     from exporters.tensorrt import import_tensorrt, require_gpu
 
@@ -152,12 +205,20 @@ class Pipeline:
                     raise UserError(FP16_REFUSAL)
                 if s.get("batch") is not None:
                     _check_positive_int(s["batch"], "export: batch", " (a fixed batch size)")
+            elif s["stage"] == "eval" and not self.recipe.data.get("eval"):
+                raise UserError("eval stage: no eval data (data: eval: [cifar10:test.npz] in the recipe, or --eval-data)")
             elif s["stage"] == "profile":
-                _check_positive_int(s.get("rounds", 1), "profile: rounds")
-                if s.get("budget"):
-                    from compress.gates import parse_budget
+                from compress import gates
+                from devices import ProfileOptions, get_device, split_options
 
-                    parse_budget(s["budget"])
+                if not exported:
+                    raise UserError("profile stage: nothing exported before it (add an export stage before it)")
+                _check_positive_int(s.get("rounds", 1), "profile: rounds")
+                profile_opts, device_opts = split_options(_profile_options(s))
+                ProfileOptions.coerce(profile_opts)
+                get_device(device_opts.pop("device", "local"), **device_opts)  # its options, not a connection
+                if gates.needs_accuracy(gates.parse_budget(s.get("budget"))) and not self.recipe.data.get("eval"):
+                    raise UserError("profile stage: an accuracy budget needs eval data (data: eval: [...]) in the recipe")
 
     def _load(self) -> None:
         r = self.recipe
@@ -170,7 +231,12 @@ class Pipeline:
             ds = load_dataset(spec, lm.spec.shape, r.seed)
             if ds.labels is None:
                 raise UserError(f"eval data {spec} has no labels ('y')")
-            self.eval_sets[Path(ds.source).stem] = ds
+            name, i = Path(ds.source).stem, 2
+            if name in self.eval_sets:  # d1/test.npz and d2/test.npz: both kept, told apart by their folder
+                name = f"{Path(ds.source).parent.name}/{name}"
+            while name in self.eval_sets:
+                name, i = f"{Path(ds.source).stem}#{i}", i + 1
+            self.eval_sets[name] = ds
         self.result.variants["original"] = Variant("original", lm, self._model_metrics(lm, "original"),
                                                    path=lm.source)
 
@@ -187,6 +253,10 @@ class Pipeline:
     def _run(self) -> RunResult:
         self._validate()
         self._load()
+        if self.save_recipe:  # only a recipe that was accepted: a refused call leaves no file behind
+            self.recipe.save(self.save_recipe)
+        if self.replace_previous:
+            self._remove_previous_run()
         try:
             for i, stage in enumerate(self.recipe.stages):
                 t0 = time.perf_counter()
@@ -256,10 +326,10 @@ class Pipeline:
 
         if self.out_dir is None:
             raise UserError("export needs an output folder (-o)")
-        formats = stage.get("formats") or [stage.get("format", "onnx")]
+        formats = _export_formats(stage)
         precision = stage.get("precision", "auto")
         batch = stage.get("batch")  # checked in _validate
-        names = stage.get("variants", "all")
+        names = _export_variants(stage)
         variants = list(self.result.variants.values()) if names == "all" else [self.result.variants[n] for n in names]
         parity_x = self._parity_images()
         made = []
@@ -300,14 +370,18 @@ class Pipeline:
         budgets = gates.parse_budget(stage.get("budget"))
         if gates.needs_accuracy(budgets) and not self.eval_sets:
             raise UserError("profile stage: an accuracy budget needs eval data (data: eval: [...]) in the recipe")
-        opts = {k: v for k, v in stage.items() if k not in ("stage", "artifacts", "budget", "rounds")}
+        opts = _profile_options(stage)
         rounds = stage.get("rounds", 1)
+        device = _device_name(stage.get("device", "local"))
+        # a second profile stage on another device must not overwrite this one's files
+        tag = "" if device == "local" else "." + re.sub(r"[^A-Za-z0-9._@-]+", "-", device).strip("-")
+        where = "" if device == "local" else f" on {device}"
         runtimes = [{"onnx": "onnxruntime", "openvino": "openvino", "ort": "onnxruntime"}.get(a["format"])
                     or default_runtime_for(a["path"]) for a in self.result.artifacts]
         arts = self.result.artifacts
         measured = profile_interleaved(
             [(a["path"], rt) for a, rt in zip(arts, runtimes)], rounds,
-            announce=lambda i, r: log(f"[bold]profile[/] {Path(arts[i]['path']).name} on {runtimes[i]}"
+            announce=lambda i, r: log(f"[bold]profile[/] {Path(arts[i]['path']).name} with {runtimes[i]}{where}"
                                       + (f" (round {r + 1}/{rounds})" if rounds > 1 else "")), **opts)
         done, failed = [], []
         for art, profs in zip(self.result.artifacts, measured):
@@ -315,21 +389,21 @@ class Pipeline:
             if rounds > 1:
                 p50 = lambda p: (p.get("latency_ms") or {}).get("p50", math.inf)  # noqa: E731
                 prof = {**sorted(profs, key=p50)[(rounds - 1) // 2], "rounds_p50_ms": [p50(p) for p in profs]}
-            prof_path = Path(art["path"]).with_name(Path(art["path"]).name + ".profile.json")
+            prof_path = Path(art["path"]).with_name(Path(art["path"]).name + tag + ".profile.json")
             with atomic_path(prof_path) as tmp:
                 tmp.write_text(json.dumps(prof, indent=2))
-            entry = {**prof, "artifact": art["path"], "path": str(prof_path)}
+            entry = {**prof, "artifact": art["path"], "path": str(prof_path), "device": device}
             if budgets:
                 reference = self.result.variants["original"].metrics.get("accuracy", {})
                 report = gates.evaluate(prof, budgets,
                                         accuracy=[gates.accuracy_record(v, k) for k, v in art.get("accuracy", {}).items()],
                                         reference=[gates.accuracy_record(v, k) for k, v in reference.items()])
-                gates_path = Path(art["path"]).with_name(Path(art["path"]).name + ".gates.json")
+                gates_path = Path(art["path"]).with_name(Path(art["path"]).name + tag + ".gates.json")
                 with atomic_path(gates_path) as tmp:
                     tmp.write_text(json.dumps(_jsonable(report), indent=2))
                 entry["gates"] = {"passed": report["passed"], "failures": report["failures"], "path": str(gates_path)}
                 if not report["passed"]:
-                    failed.append(f"{Path(art['path']).name}: {'; '.join(report['failures'])}")
+                    failed.append(f"{Path(art['path']).name}{where}: {'; '.join(report['failures'])}")
             self.result.profiles.append(entry)
             done.append(str(prof_path))
         if failed:
@@ -339,6 +413,30 @@ class Pipeline:
         return {"profiles": done, **({"budget": [b.text for b in budgets]} if budgets else {})}
 
     # ---- helpers -----------------------------------------------------------------------------------------
+    def _remove_previous_run(self) -> None:
+        """`compress run` into a folder an earlier run wrote: delete the files its manifest lists, so no stale
+        artifact, profile or gate report sits beside the new ones (a CI job uploads *.gates.json). Only files
+        inside the folder, never the input model or data of this recipe, never files the manifest doesn't list."""
+        old = self.out_dir / self.manifest_name
+        try:
+            manifest = json.loads(old.read_text())
+        except (OSError, ValueError):
+            return
+        listed = [v.get("path") for n, v in (manifest.get("variants") or {}).items() if n != "original"]
+        listed += [f for a in manifest.get("artifacts") or [] for f in a.get("files") or [a.get("path")]]
+        for p in manifest.get("profiles") or []:
+            listed += [p.get("path"), (p.get("gates") or {}).get("path")]
+        keep = {Path(self.recipe.model).resolve()}
+        keep |= {Path(str(s).split(":", 1)[-1]).resolve() for specs in self.recipe.data.values()
+                 for s in (specs if isinstance(specs, list) else [specs]) if isinstance(s, str)}
+        folder, removed = self.out_dir.resolve(), 0
+        for f in {Path(f).resolve() for f in listed if isinstance(f, str)}:
+            if f.parent == folder and f not in keep and f.is_file():
+                f.unlink()
+                removed += 1
+        old.unlink(missing_ok=True)
+        log(f"{self.out_dir}: replaced the previous run ({removed} file(s) its manifest listed)")
+
     def _unique(self, name: str) -> str:
         base, i = name, 2
         while name in self.result.variants:
@@ -405,7 +503,8 @@ class Pipeline:
             "variants": {n: {"path": v.path, "sha256": sha256_file(Path(v.path)) if v.path and Path(v.path).is_file() else None,
                              "history": v.lm.history, "metrics": v.metrics} for n, v in self.result.variants.items()},
             "artifacts": self.result.artifacts,
-            "profiles": [{"artifact": p["artifact"], "path": p["path"]} for p in self.result.profiles],
+            "profiles": [{"artifact": p["artifact"], "device": p["device"], "path": p["path"],
+                          **({"gates": p["gates"]} if "gates" in p else {})} for p in self.result.profiles],
             "table": self.result.rows(list(self.eval_sets)),
         }
         path = self.out_dir / self.manifest_name

@@ -108,13 +108,17 @@ def print_stage(record: dict, result) -> None:
 
 def print_artifacts(artifacts: list[dict]) -> None:
     t = Table(title="exported")
-    for c in ("artifact", "format", "precision", "size", "parity max|err|", "top-1 agree"):
+    evals = list(dict.fromkeys(k for a in artifacts for k in a.get("accuracy", {})))  # --eval-data, in order
+    for c in ("artifact", "format", "precision", "size", "parity max|err|", "top-1 agree",
+              *[f"top-1 {n}" for n in short_names(evals)]):
         t.add_column(c, justify="right" if c not in ("artifact", "format") else "left")
     for a in artifacts:
         p = a.get("parity", {})
+        acc = a.get("accuracy", {})
         t.add_row(a["path"], a["format"], a["precision"], fmt_bytes(a["size_bytes"]),
                   f"{p.get('max_abs_err', float('nan')):.2e}" if p else "not checked",
-                  f"{p.get('top1_agreement', float('nan')):.1%}" if p else "-")
+                  f"{p.get('top1_agreement', float('nan')):.1%}" if p else "-",
+                  *[f"{acc[n]:.2f}" if n in acc else "-" for n in evals])
     console.print(t)
     for a in artifacts:
         for n in a.get("notes", []):
@@ -132,14 +136,17 @@ def short_names(names: list[str]) -> list[str]:
 
 def rows_table(rows: list[dict], eval_names: list[str], title: str = "results") -> Table:
     t = Table(title=title)
+    # the device column only once latencies come from somewhere other than this machine
+    devices = any(r.get("device") not in (None, "local") for r in rows)
     cols = ["model", "format", "precision", *[f"top-1 {n}" for n in short_names(eval_names)], "params", "FLOPs", "size",
-            "p50 ms", "p90 ms", "peak MiB"]
+            *(["device"] if devices else []), "p50 ms", "p90 ms", "peak MiB"]
     for c in cols:
-        t.add_column(c, justify="left" if c in ("model", "format", "precision") else "right")
+        t.add_column(c, justify="left" if c in ("model", "format", "precision", "device") else "right")
     for r in rows:
         acc = [f"{r['accuracy'][n]:.2f}" if n in r.get("accuracy", {}) else "-" for n in eval_names]
         t.add_row(r["model"], r["format"], r["precision"], *acc, fmt_count(r.get("params")), fmt_count(r.get("flops")),
-                  fmt_bytes(r.get("size_bytes")), fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p90_ms")),
+                  fmt_bytes(r.get("size_bytes")), *([r.get("device") or "-"] if devices else []),
+                  fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p90_ms")),
                   "-" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.1f}")
     return t
 
@@ -154,5 +161,10 @@ def print_run(rows: list[dict], result, pipe) -> None:
         if TARGET_PLATFORM == "arm" and platform.machine().lower() in ("x86_64", "amd64"):
             console.print("ort: the .ort files are optimized for ARM (phones, boards); on this x86 CPU they run without "
                           "x86 layout optimizations, slower than .onnx: time them on the target (--device adb:...)")
+    for p in result.profiles:
+        if "gates" in p:
+            where = "" if p.get("device") in (None, "local") else f" on {p['device']}"
+            verdict = "pass" if p["gates"]["passed"] else "FAIL: " + "; ".join(p["gates"]["failures"])
+            console.print(f"budget {Path(p['artifact']).name}{where}: {verdict}")
     if result.manifest_path:
         console.print(f"manifest: {result.manifest_path}")

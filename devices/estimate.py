@@ -676,7 +676,7 @@ class EstimateDevice(Device):
                       "input": {"name": graph.input_name, "shape": graph.input_shape, "dtype": "float32",
                                 "declared_shape": graph.declared_shape},
                       "timer": "none: predicted"},
-            load_ms=0.0, first_inference_ms=ms, samples_ms=[ms],
+            load_ms=None, first_inference_ms=ms, samples_ms=[ms],  # a prediction has no load time
             memory={"rss_before_load_bytes": None, "peak_rss_bytes": None,
                     "model_peak_bytes": graph.weights_bytes + graph.peak_activation_bytes,
                     "method": "estimate: weights + peak live activations over the ONNX graph (no runtime overhead)",

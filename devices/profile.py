@@ -122,7 +122,7 @@ def artifact_record(path: str | Path) -> dict:
             "files": files}
 
 
-def build_profile(*, artifact: dict, runtime: dict, settings: dict, load_ms: float, first_inference_ms: float,
+def build_profile(*, artifact: dict, runtime: dict, settings: dict, load_ms: float | None, first_inference_ms: float,
                   samples_ms: Sequence[float], memory: dict, environment: dict | None = None, target: str = "local",
                   layers: list | None = None) -> dict:
     stats = latency_stats(samples_ms)
@@ -139,7 +139,7 @@ def build_profile(*, artifact: dict, runtime: dict, settings: dict, load_ms: flo
         "runtime": runtime,
         "environment": environment if environment is not None else host_environment(),
         "settings": settings,
-        "load_ms": float(load_ms),
+        "load_ms": None if load_ms is None else float(load_ms),  # None: not measured (a prediction)
         "first_inference_ms": float(first_inference_ms),
         "latency_ms": stats,
         "throughput_items_per_s": settings["batch"] * 1000.0 / stats["mean"] if stats["mean"] > 0 else 0.0,
@@ -160,7 +160,7 @@ _SPEC: dict[str, Any] = {
     "runtime": {"name": str, "version": str, "threads": _OPT_INT, "options": dict},
     "environment": {"hostname": str, "os": str, "cpu": str, "cores_logical": _OPT_INT, "python": str},
     "settings": {"warmup": _INT, "iterations": _INT, "batch": _INT, "seed": _INT, "input": dict},
-    "load_ms": _NUM, "first_inference_ms": _NUM,
+    "load_ms": (int, float, type(None)), "first_inference_ms": _NUM,
     "latency_ms": {"n": _INT, "mean": _NUM, "std": _NUM, "min": _NUM, "max": _NUM, "p50": _NUM, "p90": _NUM,
                    "p99": _NUM, "ci95_mean": _OPT_LIST, "ci95_p50": _OPT_LIST},
     "throughput_items_per_s": _NUM,
@@ -251,7 +251,9 @@ def render_table(profiles: Sequence[dict], title: str | None = "Latency (ms)") -
     return table
 
 
-def _ms(v: float) -> str:
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "-"
     return f"{v:.3f}" if v < 10 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
 
 

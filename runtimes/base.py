@@ -7,6 +7,7 @@ package inside `open`, through `require`, which turns a missing package into a o
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,25 @@ def require(package: str, hint: str) -> ModuleType:
         return importlib.import_module(package)
     except ImportError as e:
         raise UserError(f"the {package} runtime is not available ({first_line(e, 80)}): {hint}") from None
+
+
+@contextmanager
+def native_stderr_dropped():
+    """Drop what native code writes to fd 2 inside the block: OpenVINO's frontends probe a file they cannot read
+    with TensorFlow's parser, which logs `E0000 ... text_format.cc` lines before our one-line error."""
+    import os
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def default_runtime_for(path: str | Path) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import UserError
-from runtimes.base import INPUT_METADATA_KEY, Session, TensorInfo, first_line, require
+from runtimes.base import INPUT_METADATA_KEY, Session, TensorInfo, first_line, native_stderr_dropped, require
 
 
 class OpenVINOSession(Session):
@@ -42,7 +42,8 @@ def open(path: Path, threads: int | None) -> OpenVINOSession:  # noqa: A001 - th
         config["INFERENCE_NUM_THREADS"] = str(threads)
     core = ov.Core()
     try:
-        model = core.read_model(str(path))
+        with native_stderr_dropped():  # the frontends that fail to read it first would print to the terminal
+            model = core.read_model(str(path))
         metadata = _metadata(model)
         compiled = core.compile_model(model, "CPU", config)
     except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError with multi-line C++ traces

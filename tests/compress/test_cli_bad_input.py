@@ -91,6 +91,21 @@ def test_output_path_not_writable(tmp_path):
     assert_user_error(run_cli("export", RESNET20, "--arch", "resnet20", "-o", blocker / "m.onnx"), "cannot create output folder")
 
 
+def test_output_folder_refused_before_the_work(tmp_path):
+    # `-o somewhere/` used to prune first and fail when saving (a long fine-tune thrown away)
+    r = run_cli("prune", RESNET20, "--arch", "resnet20", "-m", "l1", "--ratio", "0.3", "-o", tmp_path)
+    assert_user_error(r, "is a folder")  # one line: no `pruned` progress before it
+
+
+def test_unreadable_openvino_file_is_one_line(tmp_path):
+    # OpenVINO's frontends probe it with TensorFlow's parser, which logged `E0000 ... text_format.cc` lines
+    bad = tmp_path / "bad.xml"
+    bad.write_text("garbage")
+    assert_user_error(run_cli("eval", bad, "--data", f"cifar10:{TEST_LOSSLESS}"), "OpenVINO cannot load")
+    assert_user_error(run_cli("eval", RESNET20, "--arch", "resnet20", "--runtime", "openvino", "--data",
+                              f"cifar10:{TEST_LOSSLESS}"), "OpenVINO cannot load")
+
+
 def test_npz_with_wrong_keys(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.zeros(4))

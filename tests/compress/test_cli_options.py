@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import RESNET20, run_cli
+from tests.conftest import RESNET20, TEST_LOSSLESS, run_cli
 
 
 # a fresh interpreter per case: torch's pool is process-wide. 3 threads is nobody's default here.
@@ -50,8 +50,10 @@ def test_export_path_carries_the_format_suffix():
 
 
 def test_quiet_after_the_verb(tmp_path):
-    loud = run_cli("export", RESNET20, "--arch", "resnet20", "-o", tmp_path / "a.onnx")
+    loud = run_cli("export", RESNET20, "--arch", "resnet20", "-o", tmp_path / "a.onnx", "--eval-data",
+                   f"cifar10:{TEST_LOSSLESS}")
     quiet = run_cli("export", RESNET20, "--arch", "resnet20", "-o", tmp_path / "b.onnx", "-q")
     assert loud.returncode == quiet.returncode == 0, (loud.stderr, quiet.stderr)
     assert "export resnet20-12fca82f.th -> a.onnx" in loud.stderr
     assert quiet.stderr == "" and "exported" in quiet.stdout  # notes gone, the result table stays
+    assert "top-1 cifar10_test_lossless846" in loud.stdout and "91.73" in loud.stdout  # --eval-data is shown

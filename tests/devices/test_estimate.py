@@ -69,6 +69,10 @@ def test_estimate_profile(resnet20_artifacts):
     onnx_path = resnet20_artifacts[0]
     p = profile_artifact(str(onnx_path), device="estimate:rpi5", threads=1, iterations=200)
     assert validate_profile(p) is p and p["target"] == "estimate:rpi5"
+    from compress import gates
+
+    report = gates.evaluate(p, gates.parse_budget("latency.load=1s"))  # a prediction loads nothing: not a 0 ms pass
+    assert p["load_ms"] is None and not report["passed"] and "not measured" in report["failures"][0]
     assert p["settings"]["iterations"] == 1 and p["latency_ms"]["n"] == 1 and p["latency_ms"]["p50"] > 0
     assert p["notes"][0].startswith("PREDICTION, not a measurement") and any("uncalibrated" in n for n in p["notes"])
     assert p["layers"] and sum(layer["predicted_us"] for layer in p["layers"]) / 1000 <= p["latency_ms"]["p50"] + 1e-9
