@@ -45,7 +45,7 @@ def open(path: Path, threads: int | None) -> TorchSession:  # noqa: A001 - the r
             module, inputs = torch.jit.load(str(path), map_location="cpu").eval(), [TensorInfo("input", None)]
         else:
             raise UserError(f"{path}: not a torch.export program (.pt2) or TorchScript archive, which is what the torch "
-                            f"runtime runs (it unpickles nothing); `compress eval` takes a state dict or saved model "
+                            f"runtime runs; it does not unpickle other files: `compress eval` takes a state dict or saved model "
                             f"as it is, and an .onnx / .xml runs on --runtime onnxruntime / openvino")
     except UserError:
         raise

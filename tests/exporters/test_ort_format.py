@@ -110,5 +110,5 @@ def test_run_table_says_ort_timings_on_x86_are_not_the_phones(monkeypatch):
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     rows = [{"model": "original", "format": "ort", "precision": "fp32", "p50_ms": 1.0}]
     with report.console.capture() as captured:
-        report.print_run(rows, SimpleNamespace(manifest_path=None), SimpleNamespace(eval_sets={}))
+        report.print_run(rows, SimpleNamespace(manifest_path=None, profiles=[]), SimpleNamespace(eval_sets={}))
     assert "optimized for ARM" in captured.get()
