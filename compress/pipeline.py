@@ -27,7 +27,7 @@ from compress.fileio import atomic_path, ensure_writable_dir, sha256_file
 from compress.io import LoadedModel, load_model, save_model
 from compress.metrics import count_flops, count_params, evaluate, predict, top1, weight_bytes
 from compress.progress import log
-from compress.recipe import Recipe
+from compress.recipe import Recipe, map_spec_path
 from compress.stages import Context, build_config
 
 DEFAULT_NAMES = {"prune": "pruned", "quantize": "quantized", "lowrank": "lowrank"}
@@ -118,6 +118,14 @@ def _device_name(spec: str) -> str:
     return str(spec or "local").strip().split("?", 1)[0] or "local"
 
 
+def unique_name(base: str, taken) -> str:
+    """A variant's name: `base`, or base2, base3 ... when a stage before took it."""
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}{i}", i + 1
+    return name
+
+
 def _check_positive_int(value: Any, what: str, meaning: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{what} must be a positive integer{meaning}, got {value!r}")
@@ -152,7 +160,7 @@ class Pipeline:
                 if Path(spec).name.partition(":")[0] not in ("genie", "noise") and not spec.startswith("text:"):
                     check_source(spec)
         quantized_by = None
-        names, exported = ["original"], False  # the variants each stage will see, as _unique will name them
+        names, exported = ["original"], False  # the variants each stage will see, named as the stages will
         for s in self.recipe.stages:
             if s["stage"] in ("prune", "lowrank") and quantized_by is not None:
                 raise UserError(f"stage {s['stage']} comes after {quantized_by}: {s['stage']} the float model, then "
@@ -171,10 +179,7 @@ class Pipeline:
                 if getattr(cfg, "finetune_epochs", 0) and not self.recipe.data.get("train"):
                     raise UserError(f"stage {s['stage']}: finetune_epochs {cfg.finetune_epochs} needs train data: pass "
                                     f"--data (or `data: {{train: ...}}` in the recipe)")
-                base, i = name or DEFAULT_NAMES[s["stage"]], 2
-                names.append(base)
-                while names.count(names[-1]) > 1:
-                    names[-1], i = f"{base}{i}", i + 1
+                names.append(unique_name(name or DEFAULT_NAMES[s["stage"]], names))
             elif s["stage"] == "export":
                 from exporters import EXPORTERS
                 from exporters.base import PRECISIONS
@@ -305,7 +310,7 @@ class Pipeline:
             cfg.check_model(src.lm)
         log(f"[bold]{stage['stage']}[/] {method.name} on {src.name}")
         lm = method.apply(_clone(src.lm), cfg, self.ctx)
-        name = self._unique(stage.get("name") or DEFAULT_NAMES[stage["stage"]])
+        name = unique_name(stage.get("name") or DEFAULT_NAMES[stage["stage"]], self.result.variants)
         variant = Variant(name, lm, self._model_metrics(lm, name))
         dry_run = bool(lm.history and lm.history[-1].get("dry_run"))
         if dry_run:  # a plan to look at: nothing is written, not even the manifest
@@ -365,11 +370,7 @@ class Pipeline:
         from devices import profile_interleaved
         from runtimes import default_runtime_for
 
-        if not self.result.artifacts:
-            raise UserError("profile stage: nothing exported yet (add an export stage before it)")
-        budgets = gates.parse_budget(stage.get("budget"))
-        if gates.needs_accuracy(budgets) and not self.eval_sets:
-            raise UserError("profile stage: an accuracy budget needs eval data (data: eval: [...]) in the recipe")
+        budgets = gates.parse_budget(stage.get("budget"))  # checked in _validate, with the stages before it
         opts = _profile_options(stage)
         rounds = stage.get("rounds", 1)
         device = _device_name(stage.get("device", "local"))
@@ -427,8 +428,15 @@ class Pipeline:
         for p in manifest.get("profiles") or []:
             listed += [p.get("path"), (p.get("gates") or {}).get("path")]
         keep = {Path(self.recipe.model).resolve()}
-        keep |= {Path(str(s).split(":", 1)[-1]).resolve() for specs in self.recipe.data.values()
-                 for s in (specs if isinstance(specs, list) else [specs]) if isinstance(s, str)}
+
+        def kept(p: str) -> str:
+            keep.add(Path(p).resolve())
+            return p
+
+        for specs in self.recipe.data.values():  # the recipe's data files, found by its own spec parser
+            for spec in specs if isinstance(specs, list) else [specs]:
+                if isinstance(spec, str):
+                    map_spec_path(spec, kept)
         folder, removed = self.out_dir.resolve(), 0
         for f in {Path(f).resolve() for f in listed if isinstance(f, str)}:
             if f.parent == folder and f not in keep and f.is_file():
@@ -436,12 +444,6 @@ class Pipeline:
                 removed += 1
         old.unlink(missing_ok=True)
         log(f"{self.out_dir}: replaced the previous run ({removed} file(s) its manifest listed)")
-
-    def _unique(self, name: str) -> str:
-        base, i = name, 2
-        while name in self.result.variants:
-            name, i = f"{base}{i}", i + 1
-        return name
 
     def _model_metrics(self, lm: LoadedModel, name: str) -> dict:
         m: dict[str, Any] = {"params": count_params(lm.model)}

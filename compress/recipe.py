@@ -117,10 +117,10 @@ def _rebase(p: str, base: Path) -> str:
 
 
 def _rebase_spec(spec: str | None, base: Path) -> str | None:
-    return None if spec is None else _map_spec_path(spec, lambda p: _rebase(p, base))
+    return None if spec is None else map_spec_path(spec, lambda p: _rebase(p, base))
 
 
-def _map_spec_path(spec: str, fn) -> str:
+def map_spec_path(spec: str, fn) -> str:
     """Apply `fn` to the path inside a data spec (cifar10:PATH, folder:PATH, PATH); random:N has none."""
     kind, sep, rest = spec.partition(":")
     if sep and kind in ("cifar10", "npz", "folder"):
@@ -141,7 +141,7 @@ def _relative(p: str, base: Path) -> str:
 
 
 def _relative_spec(spec: str, base: Path) -> str:
-    return _map_spec_path(spec, lambda p: _relative(p, base))
+    return map_spec_path(spec, lambda p: _relative(p, base))
 
 
 def _normalization(value) -> dict | None:

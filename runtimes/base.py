@@ -7,8 +7,8 @@ package inside `open`, through `require`, which turns a missing package into a o
 from __future__ import annotations
 
 import importlib
-from contextlib import contextmanager
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
