@@ -56,6 +56,7 @@ import torch  # noqa: E402
 from compress.assets import data_path  # noqa: E402
 from compress.data import Dataset, Normalizer, load_dataset  # noqa: E402
 from compress.io import zoo_model  # noqa: E402
+from compress.torch_device import resolve as resolve_torch_device  # noqa: E402
 from compress.metrics import evaluate  # noqa: E402
 
 BITS = ("w8a8", "w4a8", "w4a4", "w2a4")
@@ -78,6 +79,10 @@ PRESETS = {
                  minmax_calib=512, nncf_calib=300, jpeg_n=2000),
     "smoke": dict(samples=32, distill_iters=10, gen_width=32, recon_iters={b: 5 for b in BITS},
                   minmax_calib=64, nncf_calib=64, jpeg_n=200),
+    # the reference's budgets (GPU-hours at 20000 iterations per unit: with --torch-device cuda, and --recon-iters
+    # to trim the reconstruction)
+    "paper": dict(samples=1024, distill_iters=4000, gen_width=128, recon_iters={b: 20000 for b in BITS},
+                  minmax_calib=512, nncf_calib=300, jpeg_n=10000),
 }
 GOALS = {"genie_w8a8_vs_fp": 0.3, "genie_w4a4_vs_fp": 3.0, "genie_vs_real": 1.0}
 # the genie-vs-real goal against each real calibration source: `real` (JPEG) is the goal as set; `real-clean`
@@ -103,8 +108,9 @@ PARTS = ("fp32", "minmax", "nncf", "genie")
 class Bench:
     def __init__(self, arch: str, preset: dict, out: Path, latency: bool, parts: tuple[str, ...] = PARTS,
                  synth_cache: Path | None = None, seeds: tuple[int, ...] = (1, 2), seed_bits: tuple[str, ...] = BITS,
-                 sources: tuple[str, ...] | None = None, draws: tuple[int, ...] = (1, 2)):
+                 sources: tuple[str, ...] | None = None, draws: tuple[int, ...] = (1, 2), torch_device: str = "cpu"):
         self.arch, self.p, self.out, self.latency = arch, preset, out, latency
+        self.torch_device = torch_device  # where Genie-D and Genie-M run
         self.parts, self.synth_cache = parts, synth_cache
         self.sources = sources  # None: SOURCES for --parts genie, SEED_SOURCES for --parts seeds
         self.seeds, self.seed_bits, self.seed_rows = seeds, seed_bits, []
@@ -147,8 +153,9 @@ class Bench:
         if "genie" not in sources:
             return out
         cfg = SynthesisConfig(samples=n, batch=min(128, n), iters=self.p["distill_iters"], gen_c1=self.p["gen_width"],
-                              gen_c2=self.p["gen_width"] // 2, seed=draw)
-        cache = (self.synth_cache / f"{self.arch}_genie_n{n}_it{cfg.iters}_w{cfg.gen_c1}_s{cfg.seed}.pt"
+                              gen_c2=self.p["gen_width"] // 2, seed=draw, device=self.torch_device)
+        on = "" if self.torch_device == "cpu" else f"_{self.torch_device.replace(':', '')}"  # GPU images differ slightly
+        cache = (self.synth_cache / f"{self.arch}_genie_n{n}_it{cfg.iters}_w{cfg.gen_c1}_s{cfg.seed}{on}.pt"
                  if self.synth_cache else None)
         from_cache = cache is not None and cache.is_file()
         if from_cache:  # Genie-D is deterministic (seeded, one thread): same images
@@ -228,7 +235,8 @@ class Bench:
         for source in self.sources or SOURCES:
             images, meta = calib[source]
             for bits in BITS:
-                cfg = GenieConfig(bits=bits, preset="fast", recon_iters=self.p["recon_iters"][bits])
+                cfg = GenieConfig(bits=bits, preset="fast", recon_iters=self.p["recon_iters"][bits],
+                                      torch_device=self.torch_device)
                 t = time.perf_counter()
                 gm, summary = genie_quantize(self.lm.model, images, cfg, seed=0, spec=self.lm.spec)
                 seconds = time.perf_counter() - t
@@ -255,7 +263,8 @@ class Bench:
         for bits in self.seed_bits:
             for source in sources or self.sources or SEED_SOURCES:
                 for seed in seeds or self.seeds:
-                    cfg = GenieConfig(bits=bits, preset="fast", recon_iters=self.p["recon_iters"][bits])
+                    cfg = GenieConfig(bits=bits, preset="fast", recon_iters=self.p["recon_iters"][bits],
+                                      torch_device=self.torch_device)
                     t = time.perf_counter()
                     gm, _ = genie_quantize(self.lm.model, calib[source][0], cfg, seed=seed, spec=self.lm.spec)
                     seconds = time.perf_counter() - t
@@ -319,7 +328,8 @@ class Bench:
                      dict(recon_iters=1, lr_w_scale=0.0, lr_a_scale=0.0, lr_bit=0.0)),
                     ("Genie-M W8A8, steps learned, round-to-nearest", "spec", dict(lr_bit=0.0))]
         for what, grid, kw in variants:
-            cfg = GenieConfig(bits="w8a8", preset="fast", recon_iters=self.p["recon_iters"]["w8a8"], input_grid=grid)
+            cfg = GenieConfig(bits="w8a8", preset="fast", recon_iters=self.p["recon_iters"]["w8a8"], input_grid=grid,
+                              torch_device=self.torch_device)
             cfg = replace(cfg, **kw)
             t = time.perf_counter()
             gm, summary = genie_quantize(self.lm.model, images, cfg, seed=0, spec=self.lm.spec)
@@ -587,7 +597,9 @@ def markdown(result: dict) -> str:
     sets = list(rows[0]["accuracy"]) if rows else []
     lines = ["# Post-training quantization: FP32, min-max, NNCF, Genie (CIFAR-10 ResNets)", "",
              f"Run {result['created']} on {result['environment']['platform']} ({result['environment']['cpus']} CPUs, "
-             f"shared), one torch thread; load average at start {result['loadavg_start']}, at end "
+             f"shared), one torch thread"
+             f"{'' if result.get('torch_device', 'cpu') == 'cpu' else ', Genie-D and Genie-M on ' + result['torch_device']}"
+             f"; load average at start {result['loadavg_start']}, at end "
              f"{result['loadavg_end']}. Total wall time {result['seconds'] / 60:.1f} min. Preset `{result['preset']}`: "
              f"{json.dumps(result['budgets'])}.", "",
              "Accuracy is top-1 % in torch (fake-quant). `lossless846`: the first 846 CIFAR-10 test images, lossless "
@@ -777,6 +789,12 @@ def main() -> None:
                          "--out, keep the rest, recompute the goals, and record the rerun")
     ap.add_argument("--recon-iters", help="override the preset's Genie-M iterations per unit for some bit-widths, e.g. "
                                           "w2a4=1500 (an ablation: not with --merge, the tables keep one budget)")
+    ap.add_argument("--torch-device", default="cpu",
+                    help="where Genie-D and Genie-M run: cpu (the committed tables) | cuda | cuda:N")
+    ap.add_argument("--samples", type=int, help="override the preset's calibration images per source (an ablation: not "
+                                                "with --merge)")
+    ap.add_argument("--distill-iters", type=int, help="override the preset's Genie-D iterations per batch (an ablation: "
+                                                      "not with --merge)")
     ap.add_argument("--synth-cache", type=Path,
                     help="folder for Genie-D images: reused when present (synthesis is seeded and deterministic)")
     args = ap.parse_args()
@@ -800,6 +818,12 @@ def main() -> None:
     preset = dict(PRESETS[args.preset])
     if args.jpeg_n:
         preset["jpeg_n"] = args.jpeg_n
+    for name in ("samples", "distill_iters"):
+        value = getattr(args, name)
+        if value is not None:
+            if args.merge or value < 1:
+                ap.error(f"--{name.replace('_', '-')}: at least 1, and not with --merge (the tables keep one budget)")
+            preset[name] = value
     if args.recon_iters:
         if args.merge:
             ap.error("--recon-iters is for ablations into another --out; --merge would mix budgets in one table")
@@ -822,7 +846,8 @@ def main() -> None:
     if sources is not None and (not sources or set(sources) - set(SOURCES)):
         ap.error(f"--sources from {', '.join(SOURCES)}")
     for arch in models:
-        b = Bench(arch, preset, args.out, not args.no_latency, parts, args.synth_cache, seeds, seed_bits, sources, draws)
+        b = Bench(arch, preset, args.out, not args.no_latency, parts, args.synth_cache, seeds, seed_bits, sources, draws,
+                  resolve_torch_device(args.torch_device))
         b.run()
         if "diagnose" in parts:
             diagnosis += b.diagnose(b.calib_cache or b.calibration())
@@ -844,6 +869,7 @@ def main() -> None:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "preset": args.preset, "budgets": preset, "seconds": round(time.perf_counter() - start, 1),
         "loadavg_start": load0, "loadavg_end": loadavg(), "torch_threads": torch.get_num_threads(),
+        "torch_device": resolve_torch_device(args.torch_device),
         "environment": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                         "versions": {p: _version(p) for p in ("torch", "onnx", "onnxruntime", "openvino", "nncf")}},
         "synthesis": synthesis, "rows": rows, "exports": exports, "diagnosis": diagnosis, "seed_rows": seed_rows,

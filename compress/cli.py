@@ -452,10 +452,13 @@ def _report_run(pipe, as_json: bool) -> None:
 @click.option("--batch", type=click.IntRange(min=1), help="Images per generator batch (overrides the preset).")
 @click.option("--gen-width", type=click.IntRange(min=2), help="Generator width c1; c2 = c1 / 2 (overrides the preset).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--torch-device", default="auto", show_default=True,
+              help="Where torch runs the synthesis (this machine, not the target): auto (a CUDA GPU when torch sees "
+                   "one, else cpu) | cpu | cuda | cuda:N.")
 @model_options
 @output_options
 def synthesize(model: Path, samples: int, preset: str, iters: int | None, batch: int | None, gen_width: int | None,
-               seed: int, output: Path | None, as_json: bool, **kw) -> None:
+               seed: int, torch_device: str, output: Path | None, as_json: bool, **kw) -> None:
     """Synthesize calibration images from MODEL's BatchNorm statistics (Genie-D): no real data needed.
 
     Writes an .npz with `x` (uint8 NHWC, de-normalized and clipped: any data loader reads it) and
@@ -467,26 +470,32 @@ def synthesize(model: Path, samples: int, preset: str, iters: int | None, batch:
     from compress.quantize.genie_data import synthesize as run_synthesis
     from compress.report import print_kv
 
+    from compress.torch_device import resolve as resolve_torch_device
+
     out = Path(output) if output else Path(f"{model.stem}.genie{samples}.npz")
     if out.suffix != ".npz":
         raise UserError(f"-o {out}: synthetic data is written as .npz")
+    device = resolve_torch_device(torch_device)
     ensure_writable_dir(out.parent if str(out.parent) else Path("."))
     lm = _recipe_load(model, kw)
     lm.require_compressible("synthesize")
     p = PRESETS[preset]
     width = gen_width or p["gen_width"]
     cfg = SynthesisConfig(samples=samples, batch=min(batch or p["distill_batch"], samples),
-                          iters=iters or p["distill_iters"], gen_c1=width, gen_c2=max(1, width // 2), seed=seed)
+                          iters=iters or p["distill_iters"], gen_c1=width, gen_c2=max(1, width // 2), seed=seed,
+                          device=device)
     from compress.progress import log
 
     batches = -(-cfg.samples // cfg.batch)
-    log(f"Genie-D: {batches} batch(es) of {cfg.batch} images x {cfg.iters} iterations"
-        + (" (the paper's budget: GPU-hours; --preset fast on a CPU)" if preset == "paper" and not iters else ""))
+    slow = preset == "paper" and not iters and device == "cpu"
+    log(f"Genie-D on {device}: {batches} batch(es) of {cfg.batch} images x {cfg.iters} iterations"
+        + (" (the paper's budget: hours on a CPU; --preset fast there)" if slow else ""))
     x, summary = run_synthesis(lm.model, lm.spec.shape, cfg)
     info = save_npz(out, x, lm.spec.mean, lm.spec.std, f"genie-d:{Path(lm.source).name}")
     last = [b["last"]["loss"] for b in summary["batches"]]
     first = [b["first"]["loss"] for b in summary["batches"]]
-    payload = {**info, "seconds": summary["seconds"], "iters": cfg.iters, "batch": cfg.batch, "gen_width": width,
+    payload = {**info, "seconds": summary["seconds"], "device": device, "iters": cfg.iters, "batch": cfg.batch,
+               "gen_width": width,
                "bn_layers": summary["bn_layers"], "loss_first": max(first), "loss_last": max(last)}
     _emit(payload, as_json, lambda: print_kv(f"Genie-D -> {out}", payload))
 

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # what devices/agent.py imports (tests/devices/test_ssh.py runs it from exactly this tree, without the project)
 AGENT_FILES = ("compress/errors.py", "compress/registry.py", "runtimes/__init__.py", "runtimes/base.py",
                "runtimes/onnxruntime.py", "runtimes/openvino.py", "runtimes/torch.py", "devices/agent.py",
-               "devices/profile.py", "devices/base.py", "devices/gpu.py")
+               "devices/profile.py", "devices/base.py", "devices/gpu.py", "compress/torch_device.py")
 # package __init__ files that would pull in the whole toolchain are replaced by empty ones
 AGENT_STUBS = {"compress/__init__.py": '"""compress: the stdlib-only modules devices/agent.py needs."""\n',
                "devices/__init__.py": '"""devices: the agent and its profile schema, as shipped to a board."""\n'}

@@ -71,7 +71,7 @@ class FakeQuantizer(nn.Module):
             for name, value in (("scale", scale), ("zero_point", zero_point)):
                 current = getattr(self, name)
                 if current.shape != value.shape:
-                    current.data = torch.empty_like(value, dtype=current.dtype)
+                    current.data = torch.empty_like(value, dtype=current.dtype, device=current.device)
                 current.copy_(value)
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor, symmetric: bool) -> None:

@@ -54,6 +54,8 @@ from compress.quantize.genie_data import SynthesisConfig, load_calib, noise_data
 from compress.quantize.insert import ACT_CONTAINER, QuantScheme, SelectConv, cap_at_ceilings, parse_bits, prepare
 from compress.stages import Context, Method, MethodConfig, option
 from compress.structure import EDITS
+from compress.torch_device import CHOICES_HELP as TORCH_DEVICE_HELP
+from compress.torch_device import resolve as resolve_torch_device
 
 ZETA, GAMMA = 1.1, -0.1      # rectified sigmoid stretch (AdaRound / Genie)
 LP_NORM = 2.4                # grid-search error norm of the reference
@@ -209,7 +211,7 @@ class LSQActQuantizer(ActQuantizer):
             self.initialize(x)
         if self.mode != "train":
             return self.fake_quant(x)
-        z = float(self.zero_point)
+        z = self.zero_point.float()  # a tensor, not float(): no host sync per forward on a GPU
         xq = round_ste(torch.clamp(x / self.scale, self.qmin - z, self.qmax - z)) * self.scale
         return torch.where(torch.rand_like(x) < self.drop, xq, x) if self.drop > 0 else xq
 
@@ -492,6 +494,8 @@ class GenieConfig(MethodConfig):
                             "residual-add inputs and the pooled features), or on Conv/Linear inputs only (reference, as "
                             "Genie/BRECQ); auto: runtime at A8 (integer kernels), reference below (simulated anyway)",
                             PLACEMENTS)
+    torch_device: str = option("auto", "where torch runs Genie-D and Genie-M (the machine compressing, not the target): "
+                               f"{TORCH_DEVICE_HELP}; the model comes back on the CPU either way")
 
     def validate(self) -> None:
         parse_bits(self.bits)
@@ -515,6 +519,7 @@ class GenieConfig(MethodConfig):
             value = getattr(self, name)
             if value != 0 and not 2 <= value <= 8:
                 raise UserError(f"{name} must be 0 or 2..8, got {value}")
+        resolve_torch_device(self.torch_device)  # `cuda` on a machine without one fails here, before any work
 
     def resolved(self) -> "GenieConfig":
         """A copy with every budget filled in from the preset (explicit options win)."""
@@ -523,7 +528,8 @@ class GenieConfig(MethodConfig):
         sym = self.symmetric_weights if self.symmetric_weights is not None else a_bits == 8
         placement = self.placement if self.placement != "auto" else ("runtime" if a_bits == 8 else "reference")
         lr_bit = self.lr_bit if self.lr_bit is not None else auto_lr_bit(values["recon_iters"])
-        return replace(self, symmetric_weights=sym, placement=placement, lr_bit=lr_bit, **values)
+        return replace(self, symmetric_weights=sym, placement=placement, lr_bit=lr_bit,
+                       torch_device=resolve_torch_device(self.torch_device), **values)
 
     def structure(self) -> GenieStructure:
         w, a = parse_bits(self.bits)
@@ -534,7 +540,7 @@ class GenieConfig(MethodConfig):
     def synthesis(self, seed: int) -> SynthesisConfig:
         return SynthesisConfig(samples=self.samples, batch=min(self.distill_batch, self.samples),
                                iters=self.distill_iters, gen_c1=self.gen_width, gen_c2=max(1, self.gen_width // 2),
-                               seed=seed)
+                               seed=seed, device=self.torch_device)
 
 
 # --- the algorithm ---------------------------------------------------------------------------------------------------
@@ -671,9 +677,10 @@ def reconstruct_unit(unit: Unit, gm: nn.Module, x_fp: torch.Tensor, x_q: torch.T
                     q.scale.copy_(torch.maximum(q.scale, floor))
             if sched is not None:
                 sched.step()
-            last_rec = float(rec.detach())
+            # kept as tensors (read once at the end): a float() here would sync a GPU every iteration
+            last_rec = rec.detach()
             first_rec = last_rec if first_rec is None else first_rec
-            last_round = None if round_loss is None else float(round_loss.detach())
+            last_round = None if round_loss is None else round_loss.detach()
     finally:
         _set_modes(unit, gm, soft=False, act_mode="eval")
         unit.module.eval()
@@ -681,8 +688,9 @@ def reconstruct_unit(unit: Unit, gm: nn.Module, x_fp: torch.Tensor, x_q: torch.T
     undecided = float(((soft_bits > 0.01) & (soft_bits < 0.99)).float().mean()) if len(soft_bits) else 0.0
     at_floor = sum(int((q.scale.detach() <= f * (1 + 1e-6)).sum()) for q, f in zip(wqs, floors))
     return {"unit": unit.name, "layers": len(unit.layers), "iters": cfg.recon_iters, "steps_at_floor": at_floor,
-            "first_rec_loss": first_rec,
-            "last_rec_loss": last_rec, "last_round_loss": last_round, "undecided_bits": round(undecided, 5)}
+            "first_rec_loss": None if first_rec is None else float(first_rec),
+            "last_rec_loss": None if last_rec is None else float(last_rec),
+            "last_round_loss": None if last_round is None else float(last_round), "undecided_bits": round(undecided, 5)}
 
 
 def soft_hard_gap(unit: Unit, gm: nn.Module, x: torch.Tensor) -> float:
@@ -709,11 +717,16 @@ def genie_quantize(model: nn.Module, images: torch.Tensor, cfg: GenieConfig, see
     to_genie_quantizers(gm, cfg.qdrop, seed)
     fixed_inputs = fix_input_grids(gm, spec or InputSpec()) if cfg.input_grid == "spec" else []
     units = find_units(gm)
+    # grids are searched and quantizers built on the CPU above; the reconstruction loop runs on cfg.torch_device
+    device = torch.device(cfg.torch_device)
+    gm.to(device)
+    for unit in units:
+        unit.module.to(device)
     init_n = min(32, len(images))
     stats = []
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        x_fp = x_q = images.float()
+        x_fp = x_q = images.float().to(device)
         for k, unit in enumerate(units):
             for q in unit.activation_quantizers(gm):  # grids from the first 32 images the quantizer sees
                 q.mode = "init"
@@ -723,6 +736,7 @@ def genie_quantize(model: nn.Module, images: torch.Tensor, cfg: GenieConfig, see
                 y = _run(unit.module, x_fp)       # the float unit on the float input: the target
             stats.append(reconstruct_unit(unit, gm, x_fp, x_q, y, cfg, f"Genie-M {k + 1}/{len(units)} {unit.name}"))
             x_q, x_fp = _run(unit.module, x_q), y  # the quantized network's input to the next unit
+    gm.to("cpu")
     capped = cap_at_ceilings(gm)  # learned steps past a ReLU6's 6 would keep those convs in float in ONNX Runtime
     if not keep_learnable:
         bake(gm)
@@ -786,7 +800,8 @@ class Genie(Method):
         start = time.perf_counter()
         cfg = cfg.resolved()
         images, calib = calibration_images(lm, cfg, ctx)
-        log(f"Genie-M {cfg.bits} on {calib['images']} {calib['source']} images, {cfg.recon_iters} iterations per unit")
+        log(f"Genie-M {cfg.bits} on {calib['images']} {calib['source']} images, {cfg.recon_iters} iterations per unit, "
+            f"on {cfg.torch_device}")
         gm, summary = genie_quantize(lm.model, images, cfg, ctx.seed, spec=lm.spec)
         edit = summary["structure"]
         entry = {"stage": "quantize", "method": self.name, "config": asdict(cfg), "calibration": calib,

@@ -54,6 +54,7 @@ class SynthesisConfig:
     jitter: int = 1              # swing-conv shift range: reflect pad 1, shifts in {0, 1, 2}
     input_stats: bool = True     # the per-image mean-0 / std-1 input terms
     seed: int = 0
+    device: str = "cpu"          # where torch runs the loop (compress.torch_device); the images come back on the CPU
 
     def validate(self) -> None:
         for name in ("samples", "batch", "iters", "latent_dim", "gen_c1", "gen_c2"):
@@ -181,36 +182,41 @@ class BNStatsLoss:
 
 def synthesize(model: nn.Module, shape: tuple[int, ...], cfg: SynthesisConfig) -> tuple[torch.Tensor, dict]:
     """`cfg.samples` images (normalized space, float32 N x C x H x W) and a summary of the run."""
+    from compress.torch_device import resolve
+
     cfg.validate()
     check_synthesizable(model, shape)
+    device = torch.device(resolve(cfg.device))
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        shift_rng = torch.Generator().manual_seed(cfg.seed + 1)
-        net = distillation_copy(model, cfg.jitter, shift_rng)
+        shift_rng = torch.Generator().manual_seed(cfg.seed + 1)  # CPU: the swing shifts are drawn per forward
+        net = distillation_copy(model, cfg.jitter, shift_rng).to(device)
         loss_fn = BNStatsLoss(net, cfg.input_stats)
         images, batches = [], []
         n_batches = math.ceil(cfg.samples / cfg.batch)
         try:
             for b in range(n_batches):
                 size = min(cfg.batch, cfg.samples - b * cfg.batch)
-                x, stats = _synthesize_batch(net, loss_fn, tuple(shape), size, cfg, f"Genie-D batch {b + 1}/{n_batches}")
-                images.append(x)
+                x, stats = _synthesize_batch(net, loss_fn, tuple(shape), size, cfg, device,
+                                             f"Genie-D batch {b + 1}/{n_batches}")
+                images.append(x.cpu())
                 batches.append(stats)
         finally:
             loss_fn.remove()
     x = torch.cat(images)
-    summary = {"images": int(len(x)), "config": asdict(cfg), "batches": batches,
+    summary = {"images": int(len(x)), "config": {**asdict(cfg), "device": str(device)}, "batches": batches,
                "bn_layers": len(loss_fn.targets), "seconds": round(time.perf_counter() - start, 2)}
     return x, summary
 
 
 def _synthesize_batch(net: nn.Module, loss_fn: BNStatsLoss, shape: tuple[int, int, int], size: int,
-                      cfg: SynthesisConfig, what: str) -> tuple[torch.Tensor, dict]:
+                      cfg: SynthesisConfig, device: torch.device, what: str) -> tuple[torch.Tensor, dict]:
     if size < 2:
         raise UserError("Genie-D needs at least 2 images per batch (batch statistics)")
-    gen = Generator(shape, cfg.latent_dim, cfg.gen_c1, cfg.gen_c2).train()
-    z = torch.randn(size, cfg.latent_dim).requires_grad_()
+    # G and z are drawn on the CPU and then moved, so a seed gives the same start on every device
+    gen = Generator(shape, cfg.latent_dim, cfg.gen_c1, cfg.gen_c2).train().to(device)
+    z = torch.randn(size, cfg.latent_dim).to(device).requires_grad_()
     opt_z = torch.optim.Adam([z], lr=cfg.lr_latent)
     sched_z = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, patience=100, min_lr=1e-4)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_generator)
