@@ -63,19 +63,20 @@ def method_options(family: str):
 
     registry = families()[family]
     seen: dict[str, tuple[Any, dataclasses.Field]] = {}
+    owners: dict[str, list[tuple[str, dataclasses.Field]]] = {}  # option -> the methods that take it
     for name in registry.names():
         cfg_cls = registry.get(name).Config
         hints = typing.get_type_hints(cfg_cls)
         for fld in dataclasses.fields(cfg_cls):
             seen.setdefault(fld.name, (hints[fld.name], fld))
+            owners.setdefault(fld.name, []).append((name, fld))
 
     def deco(f):
         for fname, (hint, fld) in sorted(seen.items(), reverse=True):
             base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
             typ = base[0] if base[0] in (int, float, str, bool) else str
             choices = fld.metadata.get("choices")
-            default = fld.default if fld.default is not dataclasses.MISSING else None
-            help_text = f"{fld.metadata.get('help', '')} [default: {default}]"
+            help_text = _shared_help(owners[fname], len(registry.names()))
             flag = "--" + fname.replace("_", "-")
             if typ is bool:
                 f = click.option(f"{flag}/--no-{flag[2:]}", fname, default=None, help=help_text)(f)
@@ -85,6 +86,28 @@ def method_options(family: str):
         return f
 
     return deco, sorted(seen)
+
+
+def _shared_help(owners: list[tuple[str, dataclasses.Field]], n_methods: int) -> str:
+    """One option's help over the methods that take it: which methods (when not all), and each method's own text
+    and default where they differ (minmax calibrates on 512 images by default, nncf on 300). A None default is
+    left out: the help says where the value comes from (a preset, another option)."""
+    def default(fld: dataclasses.Field) -> Any:
+        return fld.default if fld.default is not dataclasses.MISSING else None
+
+    def tag(value: Any) -> str:
+        return "" if value is None else f" [default: {value}]"
+
+    helps = list(dict.fromkeys(fld.metadata.get("help", "") for _, fld in owners))
+    same_default = len({repr(default(fld)) for _, fld in owners}) == 1
+    prefix = "" if len(owners) == n_methods else f"({', '.join(m for m, _ in owners)}) "
+    if len(helps) == 1 and same_default:
+        return f"{prefix}{helps[0]}{tag(default(owners[0][1]))}"
+    if len(helps) == 1:
+        return f"{prefix}{helps[0]} [default: {', '.join(f'{m} {default(fld)}' for m, fld in owners)}]"
+    body = "; ".join(f"{m}: {fld.metadata.get('help', '')}{'' if same_default else tag(default(fld))}"
+                     for m, fld in owners)
+    return prefix + body + (tag(default(owners[0][1])) if same_default else "")
 
 
 def parse_shape(text: str | None, option: str = "--input-shape") -> tuple[int, ...] | None:

@@ -57,3 +57,19 @@ def test_quiet_after_the_verb(tmp_path):
     assert "export resnet20-12fca82f.th -> a.onnx" in loud.stderr
     assert quiet.stderr == "" and "exported" in quiet.stdout  # notes gone, the result table stays
     assert "top-1 cifar10_test_lossless846" in loud.stdout and "91.73" in loud.stdout  # --eval-data is shown
+
+
+def test_help_of_a_shared_option_names_its_methods_and_each_default():
+    """--calib-size belongs to minmax (512 images by default) and nncf (300): the help used to show minmax's alone."""
+    import click
+
+    from compress.cli import cli
+
+    ctx = click.Context(cli.commands["quantize"], info_name="quantize")
+    helps = {p.name: p.help for p in cli.commands["quantize"].params if isinstance(p, click.Option)}
+    assert helps["calib_size"].startswith("(minmax, nncf) minmax: ")
+    assert "[default: 512]; nncf: " in helps["calib_size"] and helps["calib_size"].endswith("[default: 300]")
+    assert helps["torch_device"].startswith("(genie) ") and "[default: auto]" in helps["torch_device"]
+    assert helps["bits"].endswith("[default: w8a8]") and helps["bits"].count("[default:") == 1  # all three: w8a8
+    assert "[default: None]" not in " ".join(h or "" for h in helps.values())
+    assert "Usage:" in cli.commands["quantize"].get_help(ctx)
