@@ -540,8 +540,34 @@ def failure_line(report: dict) -> str:
 
 # ---- outputs -----------------------------------------------------------------------------------------------------
 
-def to_junit(report: dict, suite: str = "compress.gates") -> str:
-    """A JUnit XML document: one testsuite, one testcase per budget and one for the baseline comparison."""
+def to_junit(report: dict | list[dict], suite: str = "compress.gates") -> str:
+    """A JUnit XML document: one testsuite per report (artifact), one testcase per budget and one for the baseline
+    comparison. A list of reports (a recipe's profile stage, one per artifact) names each suite after its artifact."""
+    reports = report if isinstance(report, list) else [report]
+    suites = [(_junit_cases(r), r, suite if len(reports) == 1 else f"{suite} {Path(str(r.get('artifact'))).name}")
+              for r in reports]
+    tests = sum(len(cases) for cases, _, _ in suites)
+    failures = sum(1 for cases, _, _ in suites for case in cases if case[2] != "pass")
+    root = ET.Element("testsuites", name="compress", tests=str(tests), failures=str(failures), errors="0")
+    for cases, r, name in suites:
+        bad = sum(1 for case in cases if case[2] != "pass")
+        ts = ET.SubElement(root, "testsuite", name=name, tests=str(len(cases)), failures=str(bad), errors="0",
+                           skipped="0", timestamp=r.get("created", ""), hostname=str(r.get("target") or ""))
+        props = ET.SubElement(ts, "properties")
+        ET.SubElement(props, "property", name="artifact", value=str(r.get("artifact")))
+        for classname, case_name, status, msg, detail in cases:
+            tc = ET.SubElement(ts, "testcase", classname=classname, name=case_name, time="0")
+            if status != "pass":
+                f = ET.SubElement(tc, "failure", message=msg, type="GateFailed")
+                f.text = detail
+            else:
+                ET.SubElement(tc, "system-out").text = msg
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def _junit_cases(report: dict) -> list[tuple[str, str, str, str, str]]:
+    """(classname, name, status, message, detail) per budget, and one for the baseline comparison."""
     cases = []
     for r in report["budgets"]:
         msg = f"{r['metric']} = {r['measured_text']}, limit {r['bound']} {r['limit_text']}"
@@ -552,21 +578,7 @@ def to_junit(report: dict, suite: str = "compress.gates") -> str:
                f"95% CI {c['ci95_diff_rel'][0]:+.1%}..{c['ci95_diff_rel'][1]:+.1%}), p = {_p(c['p_value'])}: {c['verdict']}")
         cases.append(("compress.baseline", f"latency vs baseline (max slowdown {c['max_slowdown']:.0%})",
                       c["status"], msg, "; ".join([c["reason"], *c["notes"]])))
-    failures = sum(1 for case in cases if case[2] != "pass")
-    root = ET.Element("testsuites", name="compress", tests=str(len(cases)), failures=str(failures), errors="0")
-    ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(cases)), failures=str(failures), errors="0",
-                       skipped="0", timestamp=report.get("created", ""), hostname=str(report.get("target") or ""))
-    props = ET.SubElement(ts, "properties")
-    ET.SubElement(props, "property", name="artifact", value=str(report.get("artifact")))
-    for classname, name, status, msg, detail in cases:
-        tc = ET.SubElement(ts, "testcase", classname=classname, name=name, time="0")
-        if status != "pass":
-            f = ET.SubElement(tc, "failure", message=msg, type="GateFailed")
-            f.text = detail
-        else:
-            ET.SubElement(tc, "system-out").text = msg
-    ET.indent(root)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+    return cases
 
 
 def to_markdown(report: dict, profile: dict | None = None) -> str:

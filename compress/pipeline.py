@@ -108,9 +108,39 @@ def _export_variants(stage: dict) -> str | list:
     return [chosen] if isinstance(chosen, str) and chosen != "all" else chosen
 
 
+# a profile stage's own keys; every other key is a measuring or device option (ProfileOptions, the device's)
+PROFILE_STAGE_KEYS = ("stage", "budget", "rounds", "baseline", "max_slowdown", "alpha", "junit", "summary")
+
+
 def _profile_options(stage: dict) -> dict:
     """A profile stage's measuring and device options (every key but the stage's own)."""
-    return {k: v for k, v in stage.items() if k not in ("stage", "budget", "rounds")}
+    return {k: v for k, v in stage.items() if k not in PROFILE_STAGE_KEYS}
+
+
+def _gate_settings(stage: dict) -> tuple[float, float]:
+    """(max_slowdown, alpha) of a profile stage, as `compress profile --max-slowdown/--alpha` (5%, 0.01)."""
+    from compress import gates
+
+    slowdown = gates.parse_fraction(stage.get("max_slowdown", gates.DEFAULT_MAX_SLOWDOWN), "profile: max_slowdown")
+    alpha = stage.get("alpha", gates.DEFAULT_ALPHA)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise UserError(f"profile: alpha must be between 0 and 1, got {alpha!r}")
+    return slowdown, float(alpha)
+
+
+def _baseline_dir(stage: dict) -> Path | None:
+    """A profile stage's `baseline:` folder (a manifest.json in it names the folder too), or None."""
+    value = stage.get("baseline")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise UserError(f"profile: baseline is a folder holding the previous run's artifacts, got {value!r}")
+    path = Path(value)
+    if path.is_file() and path.name.endswith(".json"):
+        path = path.parent
+    if not path.is_dir():
+        raise UserError(f"profile: baseline folder not found: {value}")
+    return path
 
 
 def _device_name(spec: str) -> str:
@@ -224,6 +254,16 @@ class Pipeline:
                 get_device(device_opts.pop("device", "local"), **device_opts)  # its options, not a connection
                 if gates.needs_accuracy(gates.parse_budget(s.get("budget"))) and not self.recipe.data.get("eval"):
                     raise UserError("profile stage: an accuracy budget needs eval data (data: eval: [...]) in the recipe")
+                _gate_settings(s)
+                base = _baseline_dir(s)
+                if base is not None and self.out_dir is not None and base.resolve() == self.out_dir.resolve():
+                    raise UserError(f"profile: baseline {base} is this run's output folder, whose files this run "
+                                    f"replaces: keep the previous run's artifacts in another folder")
+                for key in ("junit", "summary"):
+                    value = s.get(key)
+                    if value is not None and (not isinstance(value, str) or Path(value).name != value
+                                              or value in ("", ".", "..")):
+                        raise UserError(f"profile: {key} is a file name, written into the output folder; got {value!r}")
 
     def _load(self) -> None:
         r = self.recipe
@@ -271,6 +311,9 @@ class Pipeline:
                 self.result.stages.append(record)
         except GateFailed as failure:
             # every artifact so far is complete: record the run, then fail it (a CI job wants both)
+            if getattr(failure, "stage_record", None) is not None:
+                self.result.stages.append({"index": i, "stage": kind, **failure.stage_record,
+                                           "seconds": round(time.perf_counter() - t0, 2)})
             if self.write_manifest:
                 self.result.manifest_path = str(self._write_manifest(status=f"gate failed: {failure}"))
             raise
@@ -357,61 +400,104 @@ class Pipeline:
                                "parity": a["parity"]} for a in made]}
 
     def _stage_profile(self, stage: dict) -> dict:
-        """Profile every artifact; with `budget:` ({metric: limit} or "metric=limit,..."), gate each one.
+        """Profile every artifact; with `budget:` ({metric: limit} or "metric=limit,...") and/or `baseline:`, gate each.
 
         Budgets are those of `compress profile --budget` (compress/gates.py); accuracy.drop compares each artifact's
-        top-1 with the original model's on the recipe's eval sets (the worst set counts). A violated budget fails
-        the run (exit 1) after every artifact was profiled and its profile and gate report written.
+        top-1 with the original model's on the recipe's eval sets (the worst set counts). `baseline: FOLDER` holds
+        the previous run's artifacts under the same file names: each is profiled here, in the same interleaved
+        rounds as its new version (a profile from another machine or minute would compare machines), and the new
+        one fails when significantly slower by more than `max_slowdown` (5%; `alpha` 0.01), as `compress profile
+        --baseline`. Where the folder has no artifact but that artifact's .profile.json, the recorded profile is the
+        baseline. `junit:` / `summary:` name a JUnit XML / markdown file of every artifact's gates in the output
+        folder. A violated gate fails the run (exit 1) after every artifact was profiled and its files written.
         `rounds: N` profiles every artifact N times, interleaved (round 1 of each artifact, then round 2 ...), each
         in a fresh process, and keeps the round with the median p50: on a shared machine one process can run 20-30%
         slow, and interleaving spreads drift over all artifacts alike. Every round's p50 is recorded.
         """
         from compress import gates
         from devices import profile_interleaved
+        from devices.profile import load_profile
         from runtimes import default_runtime_for
 
         budgets = gates.parse_budget(stage.get("budget"))  # checked in _validate, with the stages before it
+        slowdown, alpha = _gate_settings(stage)
+        base_dir = _baseline_dir(stage)
         opts = _profile_options(stage)
         rounds = stage.get("rounds", 1)
         device = _device_name(stage.get("device", "local"))
         # a second profile stage on another device must not overwrite this one's files
         tag = "" if device == "local" else "." + re.sub(r"[^A-Za-z0-9._@-]+", "-", device).strip("-")
         where = "" if device == "local" else f" on {device}"
-        runtimes = [{"onnx": "onnxruntime", "openvino": "openvino", "ort": "onnxruntime"}.get(a["format"])
-                    or default_runtime_for(a["path"]) for a in self.result.artifacts]
         arts = self.result.artifacts
+        runtimes = [{"onnx": "onnxruntime", "openvino": "openvino", "ort": "onnxruntime"}.get(a["format"])
+                    or default_runtime_for(a["path"]) for a in arts]
+        jobs = [(a["path"], rt, Path(a["path"]).name) for a, rt in zip(arts, runtimes)]
+        baselines: dict[int, dict | int] = {}  # artifact index -> recorded profile, or the index of its job
+        for i, a in enumerate(arts):
+            name = Path(a["path"]).name
+            if base_dir is None:
+                continue
+            if (base_dir / name).is_file():
+                baselines[i] = len(jobs)
+                jobs.append((str(base_dir / name), runtimes[i], f"{name} (baseline)"))
+            elif (base_dir / f"{name}{tag}.profile.json").is_file():
+                baselines[i] = load_profile(base_dir / f"{name}{tag}.profile.json")
+            else:
+                log(f"[yellow]profile:[/] no baseline for {name} in {base_dir} (neither the artifact nor its profile)")
         measured = profile_interleaved(
-            [(a["path"], rt) for a, rt in zip(arts, runtimes)], rounds,
-            announce=lambda i, r: log(f"[bold]profile[/] {Path(arts[i]['path']).name} with {runtimes[i]}{where}"
+            [(path, rt) for path, rt, _ in jobs], rounds,
+            announce=lambda i, r: log(f"[bold]profile[/] {jobs[i][2]} with {jobs[i][1]}{where}"
                                       + (f" (round {r + 1}/{rounds})" if rounds > 1 else "")), **opts)
-        done, failed = [], []
-        for art, profs in zip(self.result.artifacts, measured):
-            prof = profs[0]
-            if rounds > 1:
-                p50 = lambda p: (p.get("latency_ms") or {}).get("p50", math.inf)  # noqa: E731
-                prof = {**sorted(profs, key=p50)[(rounds - 1) // 2], "rounds_p50_ms": [p50(p) for p in profs]}
+
+        def kept(profs: list[dict]) -> dict:
+            if rounds == 1:
+                return profs[0]
+            p50 = lambda p: (p.get("latency_ms") or {}).get("p50", math.inf)  # noqa: E731
+            return {**sorted(profs, key=p50)[(rounds - 1) // 2], "rounds_p50_ms": [p50(p) for p in profs]}
+
+        done, failed, reports = [], [], []
+        for i, art in enumerate(arts):
+            prof = kept(measured[i])
             prof_path = Path(art["path"]).with_name(Path(art["path"]).name + tag + ".profile.json")
             with atomic_path(prof_path) as tmp:
                 tmp.write_text(json.dumps(prof, indent=2))
             entry = {**prof, "artifact": art["path"], "path": str(prof_path), "device": device}
-            if budgets:
+            base = baselines.get(i)
+            base = kept(measured[base]) if isinstance(base, int) else base
+            if budgets or base is not None:
                 reference = self.result.variants["original"].metrics.get("accuracy", {})
-                report = gates.evaluate(prof, budgets,
+                report = gates.evaluate(prof, budgets, base,
                                         accuracy=[gates.accuracy_record(v, k) for k, v in art.get("accuracy", {}).items()],
-                                        reference=[gates.accuracy_record(v, k) for k, v in reference.items()])
+                                        reference=[gates.accuracy_record(v, k) for k, v in reference.items()],
+                                        alpha=alpha, max_slowdown=slowdown)
                 gates_path = Path(art["path"]).with_name(Path(art["path"]).name + tag + ".gates.json")
                 with atomic_path(gates_path) as tmp:
                     tmp.write_text(json.dumps(_jsonable(report), indent=2))
                 entry["gates"] = {"passed": report["passed"], "failures": report["failures"], "path": str(gates_path)}
+                reports.append((report, prof))
                 if not report["passed"]:
                     failed.append(f"{Path(art['path']).name}{where}: {'; '.join(report['failures'])}")
             self.result.profiles.append(entry)
             done.append(str(prof_path))
+        record: dict[str, Any] = {"profiles": done}
+        if budgets:
+            record["budget"] = [b.text for b in budgets]
+        if base_dir is not None:
+            record["baseline"] = {"folder": str(base_dir), "max_slowdown": slowdown, "alpha": alpha,
+                                  "compared": [Path(arts[i]["path"]).name for i in baselines]}
+        for key, text in (("junit", lambda: gates.to_junit([r for r, _ in reports])),
+                          ("summary", lambda: "".join(gates.to_markdown(r, p) for r, p in reports))):
+            if stage.get(key) and reports:
+                path = self.out_dir / stage[key]
+                gates.write_text_atomic(path, text())
+                record[key] = str(path)
         if failed:
             from compress.errors import GateFailed
 
-            raise GateFailed(f"profile budget failed for {len(failed)} artifact(s): {' | '.join(failed)}")
-        return {"profiles": done, **({"budget": [b.text for b in budgets]} if budgets else {})}
+            failure = GateFailed(f"profile gates failed for {len(failed)} artifact(s): {' | '.join(failed)}")
+            failure.stage_record = record  # the manifest still lists this stage's files (a re-run deletes them)
+            raise failure
+        return record
 
     # ---- helpers -----------------------------------------------------------------------------------------
     def _remove_previous_run(self) -> None:
@@ -427,6 +513,7 @@ class Pipeline:
         listed += [f for a in manifest.get("artifacts") or [] for f in a.get("files") or [a.get("path")]]
         for p in manifest.get("profiles") or []:
             listed += [p.get("path"), (p.get("gates") or {}).get("path")]
+        listed += [s.get(k) for s in manifest.get("stages") or [] if isinstance(s, dict) for k in ("junit", "summary")]
         keep = {Path(self.recipe.model).resolve()}
 
         def kept(p: str) -> str:

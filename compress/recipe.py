@@ -62,11 +62,15 @@ class Recipe:
             if s["stage"] not in STAGE_KINDS:
                 raise UserError(f"recipe: unknown stage {s['stage']!r}; choose one of {', '.join(STAGE_KINDS)}")
         model = str(d["model"])
+        stages = [dict(s) for s in stages]
         if base is not None:  # paths in a recipe file are relative to the recipe
             model = _rebase(model, base)
             data = {role: ([_rebase_spec(v, base) for v in val] if isinstance(val, list) else _rebase_spec(val, base))
                     for role, val in data.items()}
-        return cls(model=model, stages=[dict(s) for s in stages], arch=d.get("arch"),
+            for s in stages:  # a profile stage's baseline folder is an input too (its junit/summary are outputs)
+                if s["stage"] == "profile" and isinstance(s.get("baseline"), str):
+                    s["baseline"] = _rebase(s["baseline"], base)
+        return cls(model=model, stages=stages, arch=d.get("arch"),
                    trust_pickle=bool(d.get("trust_pickle", False)), input_shape=d.get("input_shape"),
                    normalization=_normalization(d.get("normalization")),
                    data=data, seed=int(d.get("seed", 0)), name=d.get("name"))
@@ -106,7 +110,8 @@ class Recipe:
         d["model"] = _relative(d["model"], base)
         d["data"] = {role: ([_relative_spec(v, base) for v in val] if isinstance(val, list) else _relative_spec(val, base))
                      for role, val in d.get("data", {}).items()}
-        d["stages"] = [{k: v for k, v in s.items() if k != "output"} for s in d["stages"]]
+        d["stages"] = [{k: (_relative(v, base) if k == "baseline" and isinstance(v, str) else v)
+                        for k, v in s.items() if k != "output"} for s in d["stages"]]
         with atomic_path(path) as tmp:
             tmp.write_text(yaml.safe_dump({k: v for k, v in d.items() if v not in ({}, None)}, sort_keys=False))
 

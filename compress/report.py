@@ -165,6 +165,6 @@ def print_run(rows: list[dict], result, pipe) -> None:
         if "gates" in p:
             where = "" if p.get("device") in (None, "local") else f" on {p['device']}"
             verdict = "pass" if p["gates"]["passed"] else "FAIL: " + "; ".join(p["gates"]["failures"])
-            console.print(f"budget {Path(p['artifact']).name}{where}: {verdict}")
+            console.print(f"gates {Path(p['artifact']).name}{where}: {verdict}")
     if result.manifest_path:
         console.print(f"manifest: {result.manifest_path}")

@@ -263,7 +263,7 @@ def test_recipe_profile_stage_budget_fails_the_run(tmp_path):
     with warnings.catch_warnings(), pytest.raises(GateFailed) as e:  # GateFailed: exit code 1 from `compress run`
         warnings.simplefilter("ignore")
         Pipeline(recipe, tmp_path / "out").run()
-    assert "profile budget failed for 1 artifact(s): original.onnx: size" in str(e.value)
+    assert "profile gates failed for 1 artifact(s): original.onnx: size" in str(e.value)
     report = json.loads((tmp_path / "out" / "original.onnx.gates.json").read_text())
     assert [(b["metric"], b["status"]) for b in report["budgets"]] == [("size", "fail"), ("latency.p90", "pass")]
     assert (tmp_path / "out" / "original.onnx.profile.json").is_file()
