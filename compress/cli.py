@@ -372,6 +372,9 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
     if not 0 < alpha < 1:
         raise UserError(f"--alpha must be between 0 and 1 (got {alpha})")
     base = load_profile(baseline) if baseline else None
+    if base is not None:  # before measuring: a prediction on either side has nothing to compare
+        gates.check_measured(base, "--baseline")
+        gates.check_measured(device if artifact.suffix.lower() != ".json" else load_profile(artifact), "this profile")
     if base is not None and artifact.suffix.lower() != ".json" and base.get("settings", {}).get("batch") != batch:
         raise UserError(f"baseline was measured at batch {base.get('settings', {}).get('batch')}, this profile would "
                         f"be at batch {batch}: not comparable (give --batch {base.get('settings', {}).get('batch')})")
@@ -424,6 +427,8 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
 
     def human() -> None:
         console.print(render_table([prof]))
+        for note in prof.get("notes") or []:  # what the numbers are (an estimate's caveats, a runtime's fallbacks)
+            console.print(f"[yellow]note:[/] {note}")
         if prof.get("accuracy"):
             a = prof["accuracy"]
             ref_text = f" (reference {ref[0]['top1']:.2f}%)" if ref else ""

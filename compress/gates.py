@@ -444,6 +444,8 @@ def compare_profiles(baseline: dict, current: dict, alpha: float = DEFAULT_ALPHA
                      max_slowdown: float = DEFAULT_MAX_SLOWDOWN, seed: int = 0) -> dict:
     """Latency of `current` vs `baseline` from their samples: verdict faster | slower | within tolerance | no
     significant change."""
+    check_measured(baseline, "baseline")
+    check_measured(current, "this profile")
     _check_comparable(baseline, current)
     base = np.asarray(baseline["samples_ms"], dtype=np.float64)
     new = np.asarray(current["samples_ms"], dtype=np.float64)
@@ -481,6 +483,19 @@ def compare_profiles(baseline: dict, current: dict, alpha: float = DEFAULT_ALPHA
         "alpha": alpha, "max_slowdown": max_slowdown, "verdict": verdict,
         "status": "fail" if verdict == "slower" else "pass", "reason": why, "notes": notes,
     }
+
+
+def is_prediction(profile: dict) -> bool:
+    """A profile from `--device estimate:NAME`: one predicted latency, no timed runs."""
+    return "prediction" in profile or str(profile.get("target", "")).startswith("estimate:")
+
+
+def check_measured(profile: dict | str, what: str) -> None:
+    """Refuse a prediction (a profile, or the device spec that would make one) where a comparison needs timed runs."""
+    target = profile if isinstance(profile, str) else (profile.get("target") if is_prediction(profile) else None)
+    if target is not None and str(target).startswith("estimate:"):  # one predicted value: no difference to test
+        raise UserError(f"{what} is a prediction ({target}), not a measurement: a baseline comparison needs timed "
+                        f"runs on both sides (profile on the device itself, or gate the estimate with a budget)")
 
 
 def _p(p: float) -> str:

@@ -79,7 +79,9 @@ class RunResult:
                 rows.append({"model": a["variant"], "format": a["format"], "precision": a["precision"],
                              "accuracy": a.get("accuracy", {}), "params": v.metrics.get("params"),
                              "flops": v.metrics.get("flops"), "size_bytes": a["size_bytes"],
-                             "device": (prof or {}).get("device"), "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"),
+                             "device": (prof or {}).get("device"), "p50_ms": lat.get("p50"),
+                             # an estimate is one predicted value: no p90 to show
+                             "p90_ms": None if "prediction" in (prof or {}) else lat.get("p90"),
                              "peak_rss_mb": _mib((prof or {}).get("memory", {}).get("peak_rss_bytes"))})
         return rows
 
@@ -256,6 +258,8 @@ class Pipeline:
                     raise UserError("profile stage: an accuracy budget needs eval data (data: eval: [...]) in the recipe")
                 _gate_settings(s)
                 base = _baseline_dir(s)
+                if base is not None:
+                    gates.check_measured(str(s.get("device", "local")), "profile: this stage's device")
                 if base is not None and self.out_dir is not None and base.resolve() == self.out_dir.resolve():
                     raise UserError(f"profile: baseline {base} is this run's output folder, whose files this run "
                                     f"replaces: keep the previous run's artifacts in another folder")

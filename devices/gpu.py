@@ -32,7 +32,6 @@ if __package__ in (None, ""):  # run as a script on a board: the shipped tree's 
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from compress.errors import UserError  # noqa: E402
-from compress.torch_device import cuda_unavailable_reason  # noqa: E402
 from devices.base import Device, ProfileOptions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +87,7 @@ def measure_cuda(artifact: str | Path, index: int = 0, warmup: int = 10, iterati
     """The agent's measurement on a CUDA device (see the module docstring)."""
     from devices.agent import _pin, current_rss_bytes, peak_rss_bytes
     from devices.profile import artifact_record, build_profile, host_environment
+    from compress.torch_device import cuda_unavailable_reason
     from runtimes import RUNTIMES
     from runtimes.base import check_artifact
 

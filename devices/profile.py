@@ -225,11 +225,18 @@ def render_table(profiles: Sequence[dict], title: str | None = "Latency (ms)") -
     """A rich Table, one row per profile; the JSON keeps everything else (rich is imported here: boards never render)."""
     from rich.table import Table
 
-    counts = sorted({p["latency_ms"]["n"] for p in profiles})
-    table = Table(title=title, title_justify="left",
-                  caption=f"n = {', '.join(map(str, counts))} timed runs; ±: 95% CI of the median, as % of it; "
-                          f"(+): the model's share, peak RSS minus RSS before loading",
-                  caption_justify="left")
+    predicted = [p for p in profiles if "prediction" in p]  # --device estimate:NAME (devices/estimate.py)
+    measured = [p for p in profiles if "prediction" not in p]
+    caption = []
+    if measured:
+        counts = sorted({p["latency_ms"]["n"] for p in measured})
+        caption.append(f"n = {', '.join(map(str, counts))} timed runs; ±: 95% CI of the median, as % of it; "
+                       f"(+): the model's share, peak RSS minus RSS before loading")
+    if predicted:
+        targets = ", ".join(sorted({str(p.get("target")) for p in predicted}))
+        caption.append(f"{targets}: PREDICTED, not measured (roofline over the ONNX graph): one value, no spread; "
+                       f"memory ~: weights + peak live activations")
+    table = Table(title=title, title_justify="left", caption="\n".join(caption), caption_justify="left")
     table.add_column("artifact", overflow="fold", min_width=8)
     table.add_column("runtime", overflow="fold", min_width=8)
     for name in ("thr×b", "p50", "p90", "p99", "items/s", "load / first", "peak RSS MiB", "size"):
@@ -239,6 +246,12 @@ def render_table(profiles: Sequence[dict], title: str | None = "Latency (ms)") -
         ci = lat.get("ci95_p50")
         spread = f" ±{max(lat['p50'] - ci[0], ci[1] - lat['p50']) / lat['p50']:.1%}" if ci and lat["p50"] > 0 else ""
         peak, model = mem.get("peak_rss_bytes"), mem.get("model_peak_bytes")
+        if "prediction" in p:
+            table.add_row(Path(p["artifact"]["path"]).name, f"{rt['name']} ({p.get('target')})",
+                          f"{'def' if rt.get('threads') is None else rt['threads']}×{p['settings']['batch']}",
+                          "~" + _ms(lat["p50"]), "-", "-", f"~{p['throughput_items_per_s']:.0f}", "- / -",
+                          "~" + _mib(model), _size(p["artifact"]["size_bytes"]))
+            continue
         table.add_row(
             Path(p["artifact"]["path"]).name,
             f"{rt['name']} {rt['version'].split('-')[0].split('+')[0]}",

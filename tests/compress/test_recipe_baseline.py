@@ -127,3 +127,9 @@ def test_the_ci_example_recipe_is_accepted(tmp_path):
     d["stages"][-1]["baseline"] = "baseline"
     assert {"budget", "baseline", "max_slowdown", "junit", "summary"} <= set(d["stages"][-1])
     Pipeline(Recipe.from_dict(d, base=tmp_path), tmp_path / "out")._validate()
+
+
+def test_a_baseline_on_an_estimate_device_is_refused_before_any_stage(tmp_path, previous):
+    with pytest.raises(UserError, match=r"this stage's device is a prediction \(estimate:rpi5\)"):
+        Pipeline(_recipe(EXPORT, {"stage": "profile", "device": "estimate:rpi5", "baseline": str(previous)}),
+                 tmp_path / "out").run()

@@ -142,3 +142,23 @@ def test_default_params_and_uncalibrated_host(resnet20_artifacts):
     pred = predict(g, cat["host"], default_params(cat["host"]), 1)
     assert pred["latency_ms"] > 0 and pred["executed_nodes"] == len(g.executed)
     assert isinstance(get_device("estimate:host"), EstimateDevice)
+
+
+def test_cli_shows_an_estimate_as_a_prediction_and_refuses_it_as_a_baseline(resnet20_artifacts, tmp_path):
+    """The table marks predicted values (~, no p90/p99, no 'n = 1 timed runs'), the notes are printed, and a
+    baseline comparison with a prediction on either side is refused before anything is measured."""
+    from tests.conftest import run_cli
+
+    onnx_path, est = resnet20_artifacts[0], tmp_path / "est.json"
+    r = run_cli("profile", onnx_path, "--device", "estimate:rpi5", "-o", est)
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())
+    assert "estimate:rpi5: PREDICTED, not measured" in out and "timed runs" not in out
+    assert "note: PREDICTION, not a measurement" in out and "~" in out
+    for args in (["--baseline", est], ["--device", "estimate:rpi5", "--baseline", est]):
+        r = run_cli("profile", onnx_path, *args, "--iterations", "100000", timeout=60)  # refused before measuring
+        assert r.returncode == 2 and r.stderr.startswith("error: --baseline is a prediction (estimate:rpi5)"), r.stderr
+    measured = tmp_path / "m.json"
+    assert run_cli("-q", "profile", onnx_path, "--iterations", "30", "-o", measured).returncode == 0
+    r = run_cli("profile", onnx_path, "--device", "estimate:rpi5", "--baseline", measured)
+    assert r.returncode == 2 and "this profile is a prediction (estimate:rpi5)" in r.stderr
