@@ -457,7 +457,22 @@ def run(recipe: Path, output: Path | None, as_json: bool) -> None:
     except GateFailed:  # a failed budget still reports everything it measured (a CI job reads it), then exits 1
         _report_run(pipe, as_json)
         raise
+    except UserError as e:  # the model loader speaks of CLI flags; a recipe sets them as top-level keys
+        raise UserError(in_recipe_terms(str(e))) from None
     _report_run(pipe, as_json)
+
+
+# CLI flags of the model loader -> the recipe keys that set the same thing
+RECIPE_KEYS = {"--arch": "the recipe's `arch:` key", "--trust-pickle": "the recipe's `trust_pickle: true`",
+               "--input-shape": "the recipe's `input_shape:` key", "--mean/--std": "the recipe's `normalization:` key"}
+
+
+def in_recipe_terms(message: str) -> str:
+    import re
+
+    for flag, key in RECIPE_KEYS.items():
+        message = re.sub(rf"(?<![\w-]){re.escape(flag)}(?![\w/-])", key, message)
+    return message
 
 
 def _report_run(pipe, as_json: bool) -> None:

@@ -18,9 +18,15 @@ that are not ProfileOptions fields go to the device. Nothing here compresses or 
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from urllib.parse import parse_qsl
+
+# `python -m devices.estimate calibrate ...` imports this package first, which imports devices.estimate, so runpy
+# then runs the module a second time as __main__ and warns; that second copy only parses arguments and calls the
+# same functions, so the warning says nothing to a user
+warnings.filterwarnings("ignore", message=r"'devices\.estimate' found in sys\.modules", category=RuntimeWarning)
 
 from compress.errors import UserError
 from compress.registry import Registry

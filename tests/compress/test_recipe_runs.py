@@ -138,3 +138,14 @@ def test_sigterm_stops_the_profiling_agent(tmp_path):
             proc.wait(timeout=30)
         for line in _agents(art):
             os.kill(int(line.split()[0]), signal.SIGKILL)
+
+
+def test_a_recipe_error_names_the_recipe_key_not_the_cli_flag(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(RESNET20), "stages": [{"stage": "export"}]}))  # no arch:
+    r = run_cli("run", recipe, "-o", tmp_path / "out")
+    assert r.returncode == 2 and "the recipe's `arch:` key" in r.stderr and "--arch" not in r.stderr, r.stderr
+    from compress.cli import in_recipe_terms
+
+    assert in_recipe_terms("give --reference-arch X or --arch Y; pass --trust-pickle") == \
+        "give --reference-arch X or the recipe's `arch:` key Y; pass the recipe's `trust_pickle: true`"
