@@ -465,8 +465,8 @@ class GenieConfig(MethodConfig):
     bits: str = option("w8a8", "weight and activation bits as wNaM: w8a8, w4a8, w4a4, w2a4 (the paper's W4A4/W2A4 "
                        "activations run as simulated fake-quant on today's CPU runtimes)")
     preset: str = option("paper", "budgets: paper (1024 images, 4000 Genie-D and 20000 reconstruction iterations: "
-                         "GPU-hours), fast (128 images, 200 and 200: ResNet-20 in minutes on a CPU), smoke (tests)",
-                         tuple(PRESETS))
+                         "ResNet-20 about 12 + 22 min on an H100 from its per-iteration times, hours on a CPU), fast "
+                         "(128 images, 200 and 200: ResNet-20 in minutes on a CPU), smoke (tests)", tuple(PRESETS))
     samples: int | None = option(None, "calibration images: synthesized (calib genie/noise) or drawn from the data "
                                  "[from preset]")
     distill_iters: int | None = option(None, "Genie-D iterations per batch of synthetic images [from preset]")
