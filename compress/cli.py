@@ -368,6 +368,7 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
         if path is not None:
             check_output_file(path, create_parent=False)
     budgets = gates.parse_budget(budget)
+    gates.check_predictable(budgets, device if artifact.suffix.lower() != ".json" else "")
     slowdown = gates.parse_fraction(max_slowdown, "--max-slowdown")
     if not 0 < alpha < 1:
         raise UserError(f"--alpha must be between 0 and 1 (got {alpha})")
@@ -390,6 +391,8 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
 
     if artifact.suffix.lower() == ".json":  # an earlier profile: gate it as it is
         prof = load_profile(artifact)
+        if gates.is_prediction(prof):
+            gates.check_predictable(budgets, prof["target"])
         measured = Path(prof["artifact"]["path"])
         if accuracy_data:
             if not measured.exists():
@@ -467,12 +470,20 @@ RECIPE_KEYS = {"--arch": "the recipe's `arch:` key", "--trust-pickle": "the reci
                "--input-shape": "the recipe's `input_shape:` key", "--mean/--std": "the recipe's `normalization:` key"}
 
 
+# flags without a same-named recipe key (data roles live under `data:`; the profile verb's reference options)
+NOT_RECIPE_KEYS = {"--data", "--calib", "--eval-data", "--reference", "--reference-arch", "--accuracy-data", "--output"}
+
+
 def in_recipe_terms(message: str) -> str:
+    """A message that names CLI flags, as a recipe writer reads it: --arch -> the recipe's `arch:` key, a method or
+    profile option --torch-device -> `torch_device:`."""
     import re
 
     for flag, key in RECIPE_KEYS.items():
         message = re.sub(rf"(?<![\w-]){re.escape(flag)}(?![\w/-])", key, message)
-    return message
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?![\w/-])",
+                  lambda m: m.group(0) if m.group(0) in NOT_RECIPE_KEYS else f"`{m.group(1).replace('-', '_')}:`",
+                  message)
 
 
 def _report_run(pipe, as_json: bool) -> None:

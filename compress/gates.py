@@ -31,8 +31,10 @@ threshold on two medians would flag noise, so the verdict comes from the runs' s
     neighbouring runs at once, and a test that counts 300 runs as 300 independent draws calls that burst
     "significant". So each profile's runs are cut into contiguous blocks (batch means: up to 20 blocks of at
     least 10 runs; fewer than 50 runs are used as they are) and the tests work on the block medians;
-  * Mann-Whitney U test, two-sided (normal approximation with tie and continuity corrections) on the block
-    medians: p-value that the two latency distributions are the same;
+  * Mann-Whitney U test, two-sided, on the block medians: p-value that the two latency distributions are the
+    same; exact (the distribution of U over all orderings) when there are no ties and at most 50 blocks a
+    side, else the normal approximation with tie and continuity corrections. With 5 blocks a side only the
+    exact test can get below 0.01 at all; run counts whose smallest possible p is not below alpha are refused;
   * the median difference (medians of all runs), absolute and relative, with a 95% bootstrap CI that resamples
     whole blocks (seeded, 2000 resamples);
   * "slower" = p < alpha AND the median is more than `max_slowdown` above the baseline's (minimum effect size,
@@ -189,6 +191,8 @@ def parse_fraction(text: str | float, what: str = "max slowdown") -> float:
         value = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
     except ValueError:
         raise UserError(f"{what}: {text!r} is not a fraction (e.g. 5% or 0.05)") from None
+    if not s.endswith("%") and value >= 1.0:  # '5' is far more likely 5% than 500%
+        raise UserError(f"{what}: {text!r} is ambiguous: give a fraction below 1 (0.05) or a percentage (5%)")
     if not 0.0 <= value < 10.0:
         raise UserError(f"{what}: {text!r} is out of range")
     return value
@@ -394,6 +398,38 @@ def mann_whitney_u(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     return u1, z, min(1.0, math.erfc(abs(z) / math.sqrt(2.0)))
 
 
+EXACT_MAX = 50  # block counts up to this (both sides, no ties) get the exact distribution of U
+
+
+def u_counts(n1: int, n2: int) -> list[int]:
+    """How many of the C(n1 + n2, n1) orderings of two tie-free samples give U = 0 .. n1 * n2: the coefficients of
+    the Gaussian binomial [n1 + n2 choose n1]_q, built as prod_i (1 - q^(n2 + i)) / (1 - q^i) in exact integers."""
+    poly = [1]
+    for i in range(1, n1 + 1):
+        m = n2 + i
+        new = poly + [0] * m
+        for k in range(len(new) - 1, m - 1, -1):  # times (1 - q^m)
+            new[k] -= new[k - m]
+        for k in range(i, len(new)):  # divided by (1 - q^i): exact, the quotient is [n2 + i choose i]_q
+            new[k] += new[k - i]
+        poly = new[:i * n2 + 1]
+    return poly
+
+
+def exact_p(u: float, n1: int, n2: int) -> float:
+    """Two-sided exact p of Mann-Whitney U (no ties): 2 x the smaller tail, as scipy's method="exact"."""
+    counts = u_counts(n1, n2)
+    k = int(round(u))
+    total = sum(counts)
+    tail = min(sum(counts[:k + 1]), sum(counts[k:]))
+    return min(1.0, 2.0 * tail / total)
+
+
+def smallest_p(n1: int, n2: int) -> float:
+    """The smallest two-sided p any two tie-free samples of these sizes can give (all of one below all of the other)."""
+    return min(1.0, 2.0 / math.comb(n1 + n2, n1))
+
+
 def _average_ranks(a: np.ndarray) -> np.ndarray:
     order = np.argsort(a, kind="mergesort")
     sorted_a = a[order]
@@ -452,7 +488,17 @@ def compare_profiles(baseline: dict, current: dict, alpha: float = DEFAULT_ALPHA
     if len(base) < 2 or len(new) < 2:
         raise UserError("baseline comparison needs at least 2 timed runs in each profile (use --iterations >= 20)")
     bb, bn = blocks(base), blocks(new)
-    u, z, p = mann_whitney_u(np.median(bn, axis=1), np.median(bb, axis=1))
+    med_b, med_n = np.median(bb, axis=1), np.median(bn, axis=1)
+    u, z, p = mann_whitney_u(med_n, med_b)
+    # few blocks: the normal approximation is too coarse (5 vs 5 can never get below p = 0.012 with it, so the gate
+    # could never fail at alpha 0.01); without ties the exact distribution of U is cheap and right
+    exact = len(np.unique(np.concatenate([med_n, med_b]))) == len(med_n) + len(med_b) and max(len(bb), len(bn)) <= EXACT_MAX
+    if exact:
+        p = exact_p(u, len(bn), len(bb))
+        if smallest_p(len(bn), len(bb)) >= alpha:
+            raise UserError(f"{len(bn)} vs {len(bb)} timed runs/blocks can never show a difference at alpha {alpha:g} "
+                            f"(the smallest p they can give is {smallest_p(len(bn), len(bb)):.3g}): profile with more "
+                            f"iterations")
     mb, mn = float(np.median(base)), float(np.median(new))
     rel = mn / mb - 1.0 if mb > 0 else float("inf")
     ci_ms, ci_rel = bootstrap_median_diff(base, new, seed=seed)
@@ -470,11 +516,12 @@ def compare_profiles(baseline: dict, current: dict, alpha: float = DEFAULT_ALPHA
             f"; significant, but |{rel:+.1%}| is within the {max_slowdown:.0%} tolerance"))
     notes = list(_warnings(baseline, current))
     if min(len(bb), len(bn)) < 8:
-        notes.append(f"only {min(len(bb), len(bn))} runs/blocks in a profile: the p-value's normal approximation is "
-                     f"rough; use --iterations >= 100")
+        notes.append(f"only {min(len(bb), len(bn))} runs/blocks in a profile: little power to see a slowdown; "
+                     f"profile with 100 or more iterations")
     return {
         "metric": "latency",
-        "test": "Mann-Whitney U on block medians (two-sided) + block-bootstrap CI of the median diff",
+        "test": f"Mann-Whitney U on block medians (two-sided, {'exact' if exact else 'normal approximation'}) + "
+                "block-bootstrap CI of the median diff",
         "baseline": {"n": len(base), "blocks": len(bb), "median_ms": mb,
                      "path": baseline.get("artifact", {}).get("path"), "created": baseline.get("created")},
         "current": {"n": len(new), "blocks": len(bn), "median_ms": mn, "path": current.get("artifact", {}).get("path")},
@@ -488,6 +535,20 @@ def compare_profiles(baseline: dict, current: dict, alpha: float = DEFAULT_ALPHA
 def is_prediction(profile: dict) -> bool:
     """A profile from `--device estimate:NAME`: one predicted latency, no timed runs."""
     return "prediction" in profile or str(profile.get("target", "")).startswith("estimate:")
+
+
+# what an estimate (one predicted latency, weights + live activations) can stand for; the rest are measurements
+PREDICTED_METRICS = ("latency.p50", "latency.mean", "memory.model", "size", "accuracy.drop", "accuracy.top1")
+
+
+def check_predictable(budgets: list[Budget], target: str) -> None:
+    """Refuse budgets an estimate cannot answer (before anything runs), instead of failing them as not measured."""
+    if not str(target).startswith("estimate:"):
+        return
+    bad = [b.metric for b in budgets if b.metric not in PREDICTED_METRICS]
+    if bad:
+        raise UserError(f"{target} predicts one latency and the model's memory, not {', '.join(bad)}: budget "
+                        f"{', '.join(PREDICTED_METRICS[:4])} there (the others need a measurement on the device)")
 
 
 def check_measured(profile: dict | str, what: str) -> None:
@@ -559,8 +620,14 @@ def to_junit(report: dict | list[dict], suite: str = "compress.gates") -> str:
     """A JUnit XML document: one testsuite per report (artifact), one testcase per budget and one for the baseline
     comparison. A list of reports (a recipe's profile stage, one per artifact) names each suite after its artifact."""
     reports = report if isinstance(report, list) else [report]
-    suites = [(_junit_cases(r), r, suite if len(reports) == 1 else f"{suite} {Path(str(r.get('artifact'))).name}")
-              for r in reports]
+
+    def suite_name(r: dict) -> str:
+        if len(reports) == 1:
+            return suite
+        where = "" if r.get("target") in (None, "local") else f" on {r['target']}"
+        return f"{suite} {Path(str(r.get('artifact'))).name}{where}"
+
+    suites = [(_junit_cases(r), r, suite_name(r)) for r in reports]
     tests = sum(len(cases) for cases, _, _ in suites)
     failures = sum(1 for cases, _, _ in suites for case in cases if case[2] != "pass")
     root = ET.Element("testsuites", name="compress", tests=str(tests), failures=str(failures), errors="0")
@@ -600,7 +667,10 @@ def to_markdown(report: dict, profile: dict | None = None) -> str:
     ok = report["passed"]
     name = Path(str(report.get("artifact"))).name
     lines = [f"### {'✅' if ok else '❌'} compress gates: `{name}` {'passed' if ok else 'FAILED'}", ""]
-    if profile:
+    if profile and is_prediction(profile):
+        lines += [f"**Predicted** by `{profile.get('target')}` (roofline over the ONNX graph), not measured: "
+                  f"latency ~{profile['latency_ms']['p50']:.3f} ms at batch {profile['settings']['batch']}", ""]
+    elif profile:
         lat, rt, env = profile["latency_ms"], profile["runtime"], profile.get("environment", {})
         lines += [f"{rt['name']} {rt['version']}, threads {rt.get('threads') or 'default'}, batch "
                   f"{profile['settings']['batch']}, {lat['n']} runs on {env.get('cpu', '?')} ({profile.get('target')}): "

@@ -6,8 +6,10 @@ profile measures artifacts on a device. The run ends with one table and `manifes
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import platform
 import re
 import time
@@ -130,6 +132,16 @@ def _gate_settings(stage: dict) -> tuple[float, float]:
     return slowdown, float(alpha)
 
 
+def _unknown_profile_keys(keys: list[str]) -> str:
+    import difflib
+
+    from devices.base import ProfileOptions
+
+    known = sorted({*PROFILE_STAGE_KEYS[1:], *(f.name for f in dataclasses.fields(ProfileOptions)), "device"})
+    hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in keys]
+    return f"profile stage: unknown key(s) {', '.join(hints)}; it takes {', '.join(known)} and the device's options"
+
+
 def _baseline_dir(stage: dict) -> Path | None:
     """A profile stage's `baseline:` folder (a manifest.json in it names the folder too), or None."""
     value = stage.get("baseline")
@@ -137,11 +149,13 @@ def _baseline_dir(stage: dict) -> Path | None:
         return None
     if not isinstance(value, str) or not value:
         raise UserError(f"profile: baseline is a folder holding the previous run's artifacts, got {value!r}")
-    path = Path(value)
+    path = Path(os.path.normpath(value))
     if path.is_file() and path.name.endswith(".json"):
         path = path.parent
+    elif path.is_file():
+        raise UserError(f"profile: baseline {path} is a file: give the folder that holds the previous artifacts")
     if not path.is_dir():
-        raise UserError(f"profile: baseline folder not found: {value}")
+        raise UserError(f"profile: baseline folder not found: {path}")
     return path
 
 
@@ -193,6 +207,9 @@ class Pipeline:
                     check_source(spec)
         quantized_by = None
         names, exported = ["original"], False  # the variants each stage will see, named as the stages will
+        # files the run writes into the output folder, so a junit/summary name cannot overwrite one of them
+        written = {self.manifest_name: "the manifest"}
+        profiled_on: set[str] = set()
         for s in self.recipe.stages:
             if s["stage"] in ("prune", "lowrank") and quantized_by is not None:
                 raise UserError(f"stage {s['stage']} comes after {quantized_by}: {s['stage']} the float model, then "
@@ -212,6 +229,7 @@ class Pipeline:
                     raise UserError(f"stage {s['stage']}: finetune_epochs {cfg.finetune_epochs} needs train data: pass "
                                     f"--data (or `data: {{train: ...}}` in the recipe)")
                 names.append(unique_name(name or DEFAULT_NAMES[s["stage"]], names))
+                written[f"{names[-1]}.pt"] = f"the {names[-1]} model"
             elif s["stage"] == "export":
                 from exporters import EXPORTERS
                 from exporters.base import PRECISIONS
@@ -229,6 +247,14 @@ class Pipeline:
                         raise UserError(f"export: no variant {', '.join(map(repr, unknown))} at this point of the recipe "
                                         f"(there are: {', '.join(names)})")
                 exported = True
+                if not s.get("output"):
+                    from exporters import SUFFIX
+
+                    for v in (names if chosen == "all" else chosen):
+                        for f in formats:
+                            written[v + SUFFIX.get(f, "." + f)] = f"the {f} export of {v}"
+                            if f == "openvino":
+                                written[v + ".bin"] = f"the {f} export of {v}"
                 if "tensorrt" in formats:  # not after the stages before it have run for minutes
                     from exporters.tensorrt import import_tensorrt, require_gpu
 
@@ -246,28 +272,44 @@ class Pipeline:
                 raise UserError("eval stage: no eval data (data: eval: [cifar10:test.npz] in the recipe, or --eval-data)")
             elif s["stage"] == "profile":
                 from compress import gates
-                from devices import ProfileOptions, get_device, split_options
+                from devices import ProfileOptions, device_kind, get_device, split_options
 
                 if not exported:
                     raise UserError("profile stage: nothing exported before it (add an export stage before it)")
                 _check_positive_int(s.get("rounds", 1), "profile: rounds")
                 profile_opts, device_opts = split_options(_profile_options(s))
                 ProfileOptions.coerce(profile_opts)
+                device = _device_name(device_opts.get("device", "local"))
+                if device_opts.keys() - {"device"} and device_kind(device) == "local":  # a typo, not a device option
+                    raise UserError(_unknown_profile_keys(sorted(device_opts.keys() - {"device"})))
                 get_device(device_opts.pop("device", "local"), **device_opts)  # its options, not a connection
+                if device in profiled_on:  # same file names: the second stage would overwrite the first's
+                    raise UserError(f"profile: two profile stages on {device}; one per device (it writes "
+                                    f"<artifact>{'' if device == 'local' else '.<device>'}.profile.json)")
+                profiled_on.add(device)
                 if gates.needs_accuracy(gates.parse_budget(s.get("budget"))) and not self.recipe.data.get("eval"):
                     raise UserError("profile stage: an accuracy budget needs eval data (data: eval: [...]) in the recipe")
+                gates.check_predictable(gates.parse_budget(s.get("budget")), device)
                 _gate_settings(s)
                 base = _baseline_dir(s)
                 if base is not None:
                     gates.check_measured(str(s.get("device", "local")), "profile: this stage's device")
+                elif {"max_slowdown", "alpha"} & s.keys():
+                    raise UserError(f"profile: {' and '.join(sorted({'max_slowdown', 'alpha'} & s.keys()))} set the "
+                                    f"comparison with a baseline: add `baseline:` (a folder with the previous artifacts)")
                 if base is not None and self.out_dir is not None and base.resolve() == self.out_dir.resolve():
                     raise UserError(f"profile: baseline {base} is this run's output folder, whose files this run "
                                     f"replaces: keep the previous run's artifacts in another folder")
                 for key in ("junit", "summary"):
                     value = s.get(key)
-                    if value is not None and (not isinstance(value, str) or Path(value).name != value
-                                              or value in ("", ".", "..")):
+                    if value is None:
+                        continue
+                    if not isinstance(value, str) or Path(value).name != value or value in ("", ".", ".."):
                         raise UserError(f"profile: {key} is a file name, written into the output folder; got {value!r}")
+                    if value in written or value.endswith((".profile.json", ".gates.json")):
+                        raise UserError(f"profile: {key}: {value} is a file this run writes "
+                                        f"({written.get(value, 'a profile or gate report')}); choose another name")
+                    written[value] = f"the {key} of the profile stage on {device}"
 
     def _load(self) -> None:
         r = self.recipe
@@ -306,31 +348,41 @@ class Pipeline:
             self.recipe.save(self.save_recipe)
         if self.replace_previous:
             self._remove_previous_run()
+        gate_failures: list[GateFailed] = []  # a profile stage's failed gates: the later stages still run
         try:
             for i, stage in enumerate(self.recipe.stages):
                 t0 = time.perf_counter()
                 kind = stage["stage"]
-                record = getattr(self, f"_stage_{kind}")(stage) or {}
+                try:
+                    record = getattr(self, f"_stage_{kind}")(stage) or {}
+                except GateFailed as failure:
+                    if getattr(failure, "stage_record", None) is None:
+                        raise
+                    record = failure.stage_record  # every artifact was profiled and its files written
+                    gate_failures.append(failure)
                 record = {"index": i, "stage": kind, **record, "seconds": round(time.perf_counter() - t0, 2)}
                 self.result.stages.append(record)
-        except GateFailed as failure:
-            # every artifact so far is complete: record the run, then fail it (a CI job wants both)
-            if getattr(failure, "stage_record", None) is not None:
-                self.result.stages.append({"index": i, "stage": kind, **failure.stage_record,
-                                           "seconds": round(time.perf_counter() - t0, 2)})
+        except GateFailed as failure:  # a gate that stops the run (export parity): record it, then fail
             if self.write_manifest:
                 self.result.manifest_path = str(self._write_manifest(status=f"gate failed: {failure}"))
             raise
-        except Exception as failure:
+        except BaseException as failure:
             # stages that finished left their files: the manifest says what they are and where the run stopped
-            # (a run that failed in its first stage wrote nothing and leaves nothing)
+            # (a run that failed in its first stage wrote nothing and leaves nothing); also on Ctrl-C / SIGTERM, so
+            # the next run into this folder finds and replaces them
             if self.write_manifest and self.result.stages:
                 from compress.errors import first_line
 
                 stage = self.recipe.stages[len(self.result.stages)]
+                why = "interrupted" if isinstance(failure, KeyboardInterrupt) else first_line(failure, 200)
                 self.result.manifest_path = str(self._write_manifest(
-                    status=f"failed in stage {len(self.result.stages)} ({stage['stage']}): {first_line(failure, 200)}"))
+                    status=f"failed in stage {len(self.result.stages)} ({stage['stage']}): {why}"))
             raise
+        if gate_failures:  # every stage ran: record the run, then fail it (a CI job wants both)
+            failure = GateFailed(" | ".join(str(f) for f in gate_failures))
+            if self.write_manifest:
+                self.result.manifest_path = str(self._write_manifest(status=f"gate failed: {failure}"))
+            raise failure
         if self.write_manifest:
             self.result.manifest_path = str(self._write_manifest())
         return self.result
@@ -433,6 +485,11 @@ class Pipeline:
         tag = "" if device == "local" else "." + re.sub(r"[^A-Za-z0-9._@-]+", "-", device).strip("-")
         where = "" if device == "local" else f" on {device}"
         arts = self.result.artifacts
+        if device.startswith("estimate:"):  # it predicts from ONNX graphs: the other formats are not estimated
+            skipped = [Path(a["path"]).name for a in arts if Path(a["path"]).suffix.lower() != ".onnx"]
+            if skipped:
+                log(f"[yellow]profile:[/] {device} reads ONNX graphs; not estimated: {', '.join(skipped)}")
+            arts = [a for a in arts if Path(a["path"]).suffix.lower() == ".onnx"]
         runtimes = [{"onnx": "onnxruntime", "openvino": "openvino", "ort": "onnxruntime"}.get(a["format"])
                     or default_runtime_for(a["path"]) for a in arts]
         jobs = [(a["path"], rt, Path(a["path"]).name) for a, rt in zip(arts, runtimes)]
@@ -445,7 +502,9 @@ class Pipeline:
                 baselines[i] = len(jobs)
                 jobs.append((str(base_dir / name), runtimes[i], f"{name} (baseline)"))
             elif (base_dir / f"{name}{tag}.profile.json").is_file():
-                baselines[i] = load_profile(base_dir / f"{name}{tag}.profile.json")
+                recorded = base_dir / f"{name}{tag}.profile.json"
+                baselines[i] = load_profile(recorded)
+                gates.check_measured(baselines[i], f"baseline {recorded}")  # before anything is measured
             else:
                 log(f"[yellow]profile:[/] no baseline for {name} in {base_dir} (neither the artifact nor its profile)")
         measured = profile_interleaved(
@@ -489,9 +548,11 @@ class Pipeline:
         if base_dir is not None:
             record["baseline"] = {"folder": str(base_dir), "max_slowdown": slowdown, "alpha": alpha,
                                   "compared": [Path(arts[i]["path"]).name for i in baselines]}
+        nothing = (f"### ➖ compress gates{where}: nothing checked\n\nNo budget, and no baseline for "
+                   f"{', '.join(Path(a['path']).name for a in arts)} in {base_dir}.\n")
         for key, text in (("junit", lambda: gates.to_junit([r for r, _ in reports])),
-                          ("summary", lambda: "".join(gates.to_markdown(r, p) for r, p in reports))):
-            if stage.get(key) and reports:
+                          ("summary", lambda: "".join(gates.to_markdown(r, p) for r, p in reports) or nothing)):
+            if stage.get(key):  # also with nothing to check (a first CI run without a baseline): a reader expects it
                 path = self.out_dir / stage[key]
                 gates.write_text_atomic(path, text())
                 record[key] = str(path)

@@ -68,7 +68,7 @@ class Recipe:
             data = {role: ([_rebase_spec(v, base) for v in val] if isinstance(val, list) else _rebase_spec(val, base))
                     for role, val in data.items()}
             for s in stages:  # a profile stage's baseline folder is an input too (its junit/summary are outputs)
-                if s["stage"] == "profile" and isinstance(s.get("baseline"), str):
+                if s["stage"] == "profile" and isinstance(s.get("baseline"), str) and s["baseline"]:
                     s["baseline"] = _rebase(s["baseline"], base)
         return cls(model=model, stages=stages, arch=d.get("arch"),
                    trust_pickle=bool(d.get("trust_pickle", False)), input_shape=d.get("input_shape"),

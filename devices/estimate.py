@@ -631,8 +631,11 @@ class EstimateDevice(Device):
         if unknown:
             raise UserError(f"estimate device: unknown option(s) {', '.join(sorted(unknown))} (known: calibration)")
         name = head.partition(":")[2]
+        catalog = load_catalog()
         if not name:
-            raise UserError(f"estimate needs a device name: estimate:NAME ({', '.join(sorted(load_catalog()))})")
+            raise UserError(f"estimate needs a device name: estimate:NAME ({', '.join(sorted(catalog))})")
+        if name not in catalog:  # here, so a recipe's typo fails before its stages run
+            raise UserError(f"unknown estimate device {name!r}; choose one of: {', '.join(sorted(catalog))}")
         return cls(name, opts.get("calibration"))
 
     def run_profile(self, artifact: str | Path, runtime: str | None = None,

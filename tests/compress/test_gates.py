@@ -267,3 +267,27 @@ def test_recipe_profile_stage_budget_fails_the_run(tmp_path):
     report = json.loads((tmp_path / "out" / "original.onnx.gates.json").read_text())
     assert [(b["metric"], b["status"]) for b in report["budgets"]] == [("size", "fail"), ("latency.p90", "pass")]
     assert (tmp_path / "out" / "original.onnx.profile.json").is_file()
+
+
+def test_few_blocks_use_the_exact_test_so_a_real_slowdown_can_fail():
+    """50-59 runs make 5 blocks a side; the normal approximation could never get below p = 0.012 there, so a +100%
+    slowdown passed at alpha 0.01. The exact distribution of U (tie-free) reaches 2/252 = 0.0079."""
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for n1, n2 in [(5, 5), (3, 9), (20, 20), (49, 40)]:
+        x, y = rng.normal(0, 1, n1), rng.normal(0.6, 1, n2)
+        u, _, _ = gates.mann_whitney_u(x, y)
+        assert gates.exact_p(u, n1, n2) == pytest.approx(
+            stats.mannwhitneyu(x, y, alternative="two-sided", method="exact").pvalue, rel=1e-12)
+    base = _samples(n=55)
+    slow = gates.compare_profiles(_profile(base), _profile(_samples(n=55, seed=4) * 2.0))
+    assert slow["baseline"]["blocks"] == 5 and slow["verdict"] == "slower" and "exact" in slow["test"]
+    assert slow["p_value"] == pytest.approx(2 / 252)
+    with pytest.raises(UserError, match="3 vs 3 timed runs/blocks can never show a difference at alpha 0.01"):
+        gates.compare_profiles(_profile(_samples(n=3)), _profile(_samples(n=3, seed=2) * 2))
+
+
+def test_a_bare_max_slowdown_of_1_or_more_is_ambiguous():
+    with pytest.raises(UserError, match="ambiguous"):
+        gates.parse_fraction("5")
+    assert gates.parse_fraction("150%") == pytest.approx(1.5) and gates.parse_fraction(0.05) == pytest.approx(0.05)

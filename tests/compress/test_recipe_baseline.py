@@ -81,7 +81,7 @@ def test_a_recorded_profile_is_the_baseline_when_the_artifact_is_not_there(tmp_p
     base = tmp_path / "base"
     base.mkdir()
     shutil.copy(previous / "original.onnx.profile.json", base)
-    result = Pipeline(_recipe(EXPORT, {**FAST, "baseline": str(base), "max_slowdown": 1.0}), tmp_path / "out").run()
+    result = Pipeline(_recipe(EXPORT, {**FAST, "baseline": str(base), "max_slowdown": "100%"}), tmp_path / "out").run()
     report = json.loads((tmp_path / "out" / "original.onnx.gates.json").read_text())
     assert result.stages[-1]["baseline"]["compared"] == ["original.onnx"] and report["baseline"]["status"] == "pass"
 
@@ -133,3 +133,64 @@ def test_a_baseline_on_an_estimate_device_is_refused_before_any_stage(tmp_path, 
     with pytest.raises(UserError, match=r"this stage's device is a prediction \(estimate:rpi5\)"):
         Pipeline(_recipe(EXPORT, {"stage": "profile", "device": "estimate:rpi5", "baseline": str(previous)}),
                  tmp_path / "out").run()
+
+
+def test_a_gate_failure_still_runs_the_later_profile_stages(tmp_path):
+    """A failed budget in the local stage: the estimate stage after it still runs and writes its files; the run exits 1
+    and names both stages' failures. The estimate skips the OpenVINO artifacts (it reads ONNX graphs)."""
+    recipe = tmp_path / "r.yaml"
+    stages = [{"stage": "export", "formats": ["onnx", "openvino"], "eval": False},
+              {**FAST, "budget": {"size": "1kB"}, "junit": "local.xml", "summary": "local.md"},
+              {"stage": "profile", "device": "estimate:rpi5", "budget": {"latency.p50": "1us"}, "junit": "rpi5.xml"}]
+    recipe.write_text(yaml.safe_dump({"model": str(RESNET20), "arch": "resnet20", "stages": stages}))
+    r = run_cli("run", recipe, "-o", tmp_path / "out")
+    assert r.returncode == 1, r.stderr
+    assert "original.onnx: size" in r.stderr and "original.onnx on estimate:rpi5: latency.p50" in r.stderr
+    out = tmp_path / "out"
+    assert (out / "original.onnx.estimate-rpi5.profile.json").is_file() and (out / "rpi5.xml").is_file()
+    assert not (out / "original.xml.estimate-rpi5.profile.json").exists()
+    local = ET.parse(out / "local.xml").getroot()  # the ONNX and the OpenVINO artifact, one suite each
+    assert local.get("failures") == "2" and len(local.findall("testsuite")) == 2
+    assert ET.parse(out / "rpi5.xml").getroot().find("testsuite").get("name") == "compress.gates"
+    assert [s["stage"] for s in json.loads((out / "manifest.json").read_text())["stages"]] == ["export", "profile", "profile"]
+
+
+def test_junit_and_summary_are_written_when_there_is_nothing_to_check_yet(tmp_path):
+    """A first CI run: baseline folder empty, no budget. The reports still exist (a JUnit reader expects one)."""
+    (tmp_path / "base").mkdir()
+    stage = {**FAST, "baseline": str(tmp_path / "base"), "junit": "gates.xml", "summary": "gates.md"}
+    Pipeline(_recipe(EXPORT, stage), tmp_path / "out").run()
+    assert ET.parse(tmp_path / "out" / "gates.xml").getroot().get("tests") == "0"
+    assert "nothing checked" in (tmp_path / "out" / "gates.md").read_text()
+
+
+@pytest.mark.parametrize("stages, words", [
+    ([EXPORT, {**FAST, "junit": "original.onnx"}], "junit: original.onnx is a file this run writes (the onnx export"),
+    ([EXPORT, {**FAST, "summary": "manifest.json"}], "is a file this run writes (the manifest)"),
+    ([EXPORT, {**FAST, "junit": "g.xml", "summary": "g.xml"}], "summary: g.xml is a file this run writes (the junit"),
+    ([EXPORT, {**FAST, "junit": "a.gates.json"}], "a profile or gate report"),
+    ([EXPORT, FAST, {**FAST, "threads": 2}], "two profile stages on local"),
+    ([EXPORT, {**FAST, "basline": "x"}], "unknown key(s) basline (did you mean baseline?)"),
+    ([EXPORT, {**FAST, "alpha": 0.05}], "alpha set the comparison with a baseline"),
+    ([EXPORT, {**FAST, "baseline": ""}], "baseline is a folder"),
+    ([EXPORT, {"stage": "profile", "device": "estimate:nosuch"}], "unknown estimate device 'nosuch'"),
+    ([EXPORT, {"stage": "profile", "device": "estimate:rpi5", "budget": {"memory.peak": "80MB"}}],
+     "predicts one latency and the model's memory, not memory.peak"),
+])
+def test_more_gate_mistakes_are_refused_before_any_stage(tmp_path, stages, words):
+    with pytest.raises(UserError) as e:
+        Pipeline(_recipe(*stages), tmp_path / "out").run()
+    assert words in str(e.value)
+    assert not (tmp_path / "out" / "original.onnx").exists()
+
+
+def test_a_recorded_estimate_baseline_is_refused_before_measuring(tmp_path, previous):
+    from compress.pipeline import Pipeline as P
+
+    base = tmp_path / "base"
+    base.mkdir()
+    est = run_cli("-q", "profile", previous / "original.onnx", "--device", "estimate:rpi5", "-o",
+                  base / "original.onnx.profile.json")
+    assert est.returncode == 0, est.stderr
+    with pytest.raises(UserError, match=r"baseline .*original.onnx.profile.json is a prediction \(estimate:rpi5\)"):
+        P(_recipe(EXPORT, {**FAST, "iterations": 100000, "baseline": str(base)}), tmp_path / "out").run()

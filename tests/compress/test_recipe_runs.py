@@ -32,7 +32,7 @@ def _recipe(*stages: dict, **top) -> Recipe:
     ([QUANTIZE, {"stage": "export", "fromats": ["openvino"]}], "unknown key(s) fromats"),
     ([QUANTIZE, {"stage": "export", "variants": ["quantised"]}], "no variant 'quantised'"),
     ([QUANTIZE, {"stage": "export", "formats": "banana"}], "banana"),
-    ([QUANTIZE, EXPORT, {"stage": "profile", "iteration": 5}], "takes no option(s) iteration"),
+    ([QUANTIZE, EXPORT, {"stage": "profile", "iteration": 5}], "unknown key(s) iteration (did you mean iterations?)"),
     ([QUANTIZE, EXPORT, {"stage": "profile", "device": "sssh://pi@board"}], "sssh"),
     ([QUANTIZE, EXPORT, {"stage": "profile", "iterations": 0}], "iterations must be >= 1"),
     ([QUANTIZE, {"stage": "profile"}], "nothing exported before it"),

@@ -162,3 +162,16 @@ def test_cli_shows_an_estimate_as_a_prediction_and_refuses_it_as_a_baseline(resn
     assert run_cli("-q", "profile", onnx_path, "--iterations", "30", "-o", measured).returncode == 0
     r = run_cli("profile", onnx_path, "--device", "estimate:rpi5", "--baseline", measured)
     assert r.returncode == 2 and "this profile is a prediction (estimate:rpi5)" in r.stderr
+
+
+def test_an_estimate_is_gated_only_on_what_it_predicts(resnet20_artifacts, tmp_path):
+    from tests.conftest import run_cli
+
+    onnx_path = resnet20_artifacts[0]
+    r = run_cli("profile", onnx_path, "--device", "estimate:rpi5", "--budget", "latency.p90=5ms,memory.peak=80MB")
+    assert r.returncode == 2 and "not latency.p90, memory.peak" in r.stderr, r.stderr
+    r = run_cli("profile", onnx_path, "--device", "estimate:rpi5", "--budget", "latency.p50=50ms,memory.model=80MB",
+                "--summary", tmp_path / "s.md")
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "s.md").read_text()
+    assert "**Predicted** by `estimate:rpi5`" in text and "p90" not in text and "1 runs" not in text
