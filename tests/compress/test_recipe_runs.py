@@ -149,3 +149,19 @@ def test_a_recipe_error_names_the_recipe_key_not_the_cli_flag(tmp_path):
 
     assert in_recipe_terms("give --reference-arch X or --arch Y; pass --trust-pickle") == \
         "give --reference-arch X or the recipe's `arch:` key Y; pass the recipe's `trust_pickle: true`"
+
+
+def test_an_interrupted_run_records_its_files_so_the_next_run_replaces_them(tmp_path, monkeypatch):
+    def cancelled(self, stage):
+        raise KeyboardInterrupt  # what SIGTERM (a cancelled CI job) becomes in compress.cli
+
+    monkeypatch.setattr(Pipeline, "_stage_profile", cancelled)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(_recipe(EXPORT, {"stage": "profile"}), tmp_path / "out", replace_previous=True).run()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "failed in stage 1 (profile): interrupted"
+    assert [Path(a["path"]).name for a in manifest["artifacts"]] == ["original.onnx"]
+    monkeypatch.undo()
+    Pipeline(_recipe(QUANTIZE, {"stage": "export", "formats": ["onnx"], "variants": ["quantized"]}),
+             tmp_path / "out", replace_previous=True).run()
+    assert not (tmp_path / "out" / "original.onnx").exists() and (tmp_path / "out" / "quantized.onnx").is_file()
