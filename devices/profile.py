@@ -210,11 +210,15 @@ def _as_tuple(t) -> tuple:
 
 def load_profile(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give a profile JSON (compress profile ... -o FILE.json writes one)")
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"profile not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except UnicodeDecodeError:  # e.g. the artifact itself where its profile was meant
+        raise UserError(f"{path}: not a JSON profile (binary data; compress profile ... -o FILE.json writes one)") from None
+    except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not a JSON profile ({e})") from None
     return validate_profile(data, str(path))
 

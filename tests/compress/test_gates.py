@@ -243,10 +243,15 @@ def test_cli_bad_budget_exit_2_one_line(tmp_path):
     (["--budget", "accuracy.drop=0.5", "--accuracy-data", "cifar10:x.npz"], "needs a reference"),
     (["--reference", "m.th"], "give both"),
     (["--alpha", "2"], "--alpha"),
+    (["--max-slowdown", "5"], "ambiguous"),
+    (["--baseline", "TMP"], "is a folder: give a profile JSON"),
+    (["--baseline", "BIN"], "not a JSON profile (binary data"),
 ])
 def test_bad_gate_options_fail_before_measuring(tmp_path, args, words):
     art = tmp_path / "m.onnx"
     art.write_bytes(b"never read: the options fail first")
+    (tmp_path / "b.bin").write_bytes(bytes(range(256)))
+    args = [{"TMP": str(tmp_path), "BIN": str(tmp_path / "b.bin")}.get(a, a) for a in args]
     r = CliRunner().invoke(cli, ["profile", str(art), *args])
     assert isinstance(r.exception, UserError) and words in str(r.exception), r.output
 
