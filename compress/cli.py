@@ -503,8 +503,10 @@ def _report_run(pipe, as_json: bool) -> None:
               help="Genie-D budget: paper (4000 iterations per batch of 128, generator width 128: "
                    "about 12 min for ResNet-20 on an H100, hours on a CPU), "
                    "fast (200 iterations, width 64: minutes per 128 images on a CPU), smoke.")
-@click.option("--iters", type=click.IntRange(min=1), help="Iterations per batch (overrides the preset).")
-@click.option("--batch", type=click.IntRange(min=1), help="Images per generator batch (overrides the preset).")
+@click.option("--iters", "--distill-iters", "iters", type=click.IntRange(min=1),
+              help="Iterations per batch (overrides the preset; --distill-iters as in quantize -m genie).")
+@click.option("--batch", "--distill-batch", "batch", type=click.IntRange(min=1),
+              help="Images per generator batch (overrides the preset; --distill-batch as in quantize -m genie).")
 @click.option("--gen-width", type=click.IntRange(min=2), help="Generator width c1; c2 = c1 / 2 (overrides the preset).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--torch-device", default="auto", show_default=True,

@@ -523,8 +523,10 @@ def compare_profiles(baseline: dict, current: dict, alpha: float = DEFAULT_ALPHA
         "test": f"Mann-Whitney U on block medians (two-sided, {'exact' if exact else 'normal approximation'}) + "
                 "block-bootstrap CI of the median diff",
         "baseline": {"n": len(base), "blocks": len(bb), "median_ms": mb,
-                     "path": baseline.get("artifact", {}).get("path"), "created": baseline.get("created")},
-        "current": {"n": len(new), "blocks": len(bn), "median_ms": mn, "path": current.get("artifact", {}).get("path")},
+                     "path": baseline.get("artifact", {}).get("path"), "sha256": baseline.get("artifact", {}).get("sha256"),
+                     "created": baseline.get("created")},
+        "current": {"n": len(new), "blocks": len(bn), "median_ms": mn, "path": current.get("artifact", {}).get("path"),
+                    "sha256": current.get("artifact", {}).get("sha256")},
         "diff_ms": mn - mb, "diff_rel": rel, "ci95_diff_ms": ci_ms, "ci95_diff_rel": ci_rel,
         "u": u, "z": z, "p_value": p, "prob_slower": u / (len(bb) * len(bn)),
         "alpha": alpha, "max_slowdown": max_slowdown, "verdict": verdict,

@@ -51,6 +51,9 @@ def test_same_model_as_baseline_passes_and_writes_junit_and_summary(tmp_path, pr
     assert record["baseline"]["compared"] == ["original.onnx"] and record["baseline"]["max_slowdown"] == 1.0
     report = json.loads((tmp_path / "out" / "original.onnx.gates.json").read_text())
     assert report["passed"] and report["baseline"]["max_slowdown"] == 1.0
+    import hashlib
+
+    assert report["baseline"]["baseline"]["sha256"] == hashlib.sha256((previous / "original.onnx").read_bytes()).hexdigest()
     suites = ET.parse(tmp_path / "out" / "gates.xml").getroot().findall("testsuite")
     assert [tc.get("name") for s in suites for tc in s.findall("testcase")] == ["latency vs baseline (max slowdown 100%)"]
     assert "compress gates: `original.onnx` passed" in (tmp_path / "out" / "gates.md").read_text()
