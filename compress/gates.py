@@ -425,6 +425,15 @@ def exact_p(u: float, n1: int, n2: int) -> float:
     return min(1.0, 2.0 * tail / total)
 
 
+def check_attainable(iterations: int, alpha: float) -> None:
+    """Refuse, before measuring, a run count whose blocks can never show a difference at alpha (both sides alike)."""
+    n = len(blocks(np.zeros(iterations)))
+    if smallest_p(n, n) >= alpha:
+        raise UserError(f"{iterations} timed runs make {n} blocks a side, which can never show a difference at alpha "
+                        f"{alpha:g} (the smallest p they can give is {smallest_p(n, n):.3g}): profile with more "
+                        f"iterations")
+
+
 def smallest_p(n1: int, n2: int) -> float:
     """The smallest two-sided p any two tie-free samples of these sizes can give (all of one below all of the other)."""
     return min(1.0, 2.0 / math.comb(n1 + n2, n1))
@@ -695,6 +704,7 @@ def to_markdown(report: dict, profile: dict | None = None) -> str:
                   f"alpha {c['alpha']:g}; a slowdown fails only if significant and over "
                   f"{c['max_slowdown']:.0%}.", ""]
         lines += [f"> ⚠️ {n}" for n in c["notes"]] + ([""] if c["notes"] else [])
+    lines += [f"> {n}" for n in report.get("notes") or []] + ([""] if report.get("notes") else [])
     if report["failures"]:
         lines += ["**Failed:** " + "; ".join(report["failures"]), ""]
     return "\n".join(lines) + "\n"

@@ -210,6 +210,7 @@ class Pipeline:
         # files the run writes into the output folder, so a junit/summary name cannot overwrite one of them
         written = {self.manifest_name: "the manifest"}
         profiled_on: set[str] = set()
+        exported_formats: set[str] = set()
         for s in self.recipe.stages:
             if s["stage"] in ("prune", "lowrank") and quantized_by is not None:
                 raise UserError(f"stage {s['stage']} comes after {quantized_by}: {s['stage']} the float model, then "
@@ -247,14 +248,16 @@ class Pipeline:
                         raise UserError(f"export: no variant {', '.join(map(repr, unknown))} at this point of the recipe "
                                         f"(there are: {', '.join(names)})")
                 exported = True
+                exported_formats.update(formats)
                 if not s.get("output"):
                     from exporters import SUFFIX
 
                     for v in (names if chosen == "all" else chosen):
                         for f in formats:
                             written[v + SUFFIX.get(f, "." + f)] = f"the {f} export of {v}"
-                            if f == "openvino":
-                                written[v + ".bin"] = f"the {f} export of {v}"
+                            extra = {"openvino": [".bin"], "ort": [".required_operators.config", ".json"]}
+                            for suffix in extra.get(f, []):
+                                written[v + suffix] = f"the {f} export of {v}"
                 if "tensorrt" in formats:  # not after the stages before it have run for minutes
                     from exporters.tensorrt import import_tensorrt, require_gpu
 
@@ -283,6 +286,9 @@ class Pipeline:
                 if device_opts.keys() - {"device"} and device_kind(device) == "local":  # a typo, not a device option
                     raise UserError(_unknown_profile_keys(sorted(device_opts.keys() - {"device"})))
                 get_device(device_opts.pop("device", "local"), **device_opts)  # its options, not a connection
+                if device.startswith("estimate:") and "onnx" not in exported_formats:
+                    raise UserError(f"profile: {device} predicts from ONNX graphs and nothing before it exports "
+                                    f"onnx (add onnx to an export stage's formats)")
                 if device in profiled_on:  # same file names: the second stage would overwrite the first's
                     raise UserError(f"profile: two profile stages on {device}; one per device (it writes "
                                     f"<artifact>{'' if device == 'local' else '.<device>'}.profile.json)")
@@ -294,6 +300,7 @@ class Pipeline:
                 base = _baseline_dir(s)
                 if base is not None:
                     gates.check_measured(str(s.get("device", "local")), "profile: this stage's device")
+                    gates.check_attainable(ProfileOptions.coerce(profile_opts).iterations, _gate_settings(s)[1])
                 elif {"max_slowdown", "alpha"} & s.keys():
                     raise UserError(f"profile: {' and '.join(sorted({'max_slowdown', 'alpha'} & s.keys()))} set the "
                                     f"comparison with a baseline: add `baseline:` (a folder with the previous artifacts)")
@@ -375,6 +382,8 @@ class Pipeline:
 
                 stage = self.recipe.stages[len(self.result.stages)]
                 why = "interrupted" if isinstance(failure, KeyboardInterrupt) else first_line(failure, 200)
+                if gate_failures:  # a profile stage before this one failed its gates: keep that on record
+                    why += f"; before that, gate failed: {' | '.join(str(f) for f in gate_failures)}"
                 self.result.manifest_path = str(self._write_manifest(
                     status=f"failed in stage {len(self.result.stages)} ({stage['stage']}): {why}"))
             raise
@@ -525,6 +534,8 @@ class Pipeline:
             with atomic_path(prof_path) as tmp:
                 tmp.write_text(json.dumps(prof, indent=2))
             entry = {**prof, "artifact": art["path"], "path": str(prof_path), "device": device}
+            self.result.profiles.append(entry)  # listed in the manifest even if a later step of this stage fails
+            done.append(str(prof_path))
             base = baselines.get(i)
             base = kept(measured[base]) if isinstance(base, int) else base
             if budgets or base is not None:
@@ -533,6 +544,8 @@ class Pipeline:
                                         accuracy=[gates.accuracy_record(v, k) for k, v in art.get("accuracy", {}).items()],
                                         reference=[gates.accuracy_record(v, k) for k, v in reference.items()],
                                         alpha=alpha, max_slowdown=slowdown)
+                if base_dir is not None and i not in baselines:  # said in the summary, not only in the log
+                    report["notes"] = [f"no baseline for {Path(art['path']).name} in {base_dir}: latency not compared"]
                 gates_path = Path(art["path"]).with_name(Path(art["path"]).name + tag + ".gates.json")
                 with atomic_path(gates_path) as tmp:
                     tmp.write_text(json.dumps(_jsonable(report), indent=2))
@@ -540,8 +553,6 @@ class Pipeline:
                 reports.append((report, prof))
                 if not report["passed"]:
                     failed.append(f"{Path(art['path']).name}{where}: {'; '.join(report['failures'])}")
-            self.result.profiles.append(entry)
-            done.append(str(prof_path))
         record: dict[str, Any] = {"profiles": done}
         if budgets:
             record["budget"] = [b.text for b in budgets]
@@ -590,7 +601,9 @@ class Pipeline:
                 if isinstance(spec, str):
                     map_spec_path(spec, kept)
         folder, removed = self.out_dir.resolve(), 0
-        for f in {Path(f).resolve() for f in listed if isinstance(f, str)}:
+        # by name inside the folder: the manifest's paths are relative to wherever that run was started from
+        for f in {(Path(f) if Path(f).is_absolute() else folder / Path(f).name).resolve()
+                  for f in listed if isinstance(f, str) and f}:
             if f.parent == folder and f not in keep and f.is_file():
                 f.unlink()
                 removed += 1

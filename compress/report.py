@@ -164,6 +164,7 @@ def print_run(rows: list[dict], result, pipe) -> None:
     for p in result.profiles:
         if "gates" in p:
             where = "" if p.get("device") in (None, "local") else f" on {p['device']}"
+            where += " (predicted)" if str(p.get("device")).startswith("estimate:") else ""
             verdict = "pass" if p["gates"]["passed"] else "FAIL: " + "; ".join(p["gates"]["failures"])
             console.print(f"gates {Path(p['artifact']).name}{where}: {verdict}")
     if result.manifest_path:

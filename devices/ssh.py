@@ -125,6 +125,9 @@ class SSHDevice(Device):
 
     @classmethod
     def from_spec(cls, spec: str, **options) -> "SSHDevice":
+        unknown = sorted(set(options) - set(OPTIONS))  # as keyword arguments (a recipe's keys), not only in the URL
+        if unknown:
+            raise UserError(f"ssh device: unknown option(s) {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
         return cls(spec, **options)
 
     # ---- the profile ------------------------------------------------------------------------------------------

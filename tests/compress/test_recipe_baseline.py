@@ -197,3 +197,39 @@ def test_a_recorded_estimate_baseline_is_refused_before_measuring(tmp_path, prev
     assert est.returncode == 0, est.stderr
     with pytest.raises(UserError, match=r"baseline .*original.onnx.profile.json is a prediction \(estimate:rpi5\)"):
         P(_recipe(EXPORT, {**FAST, "iterations": 100000, "baseline": str(base)}), tmp_path / "out").run()
+
+
+@pytest.mark.parametrize("stages, words", [
+    ([EXPORT, {**FAST, "iterations": 55, "baseline": "BASE", "alpha": 0.001}], "can never show a difference at alpha"),
+    ([EXPORT, {"stage": "profile", "device": "ssh://pi@board", "basline": "x"}], "ssh device: unknown option(s) basline"),
+    ([{"stage": "export", "formats": ["openvino"]}, {"stage": "profile", "device": "estimate:rpi5"}],
+     "nothing before it exports onnx"),
+    ([{"stage": "export", "formats": ["ort"]}, {**FAST, "summary": "original.json"}], "the ort export of original"),
+])
+def test_review2_mistakes_are_refused_before_any_stage(tmp_path, stages, words):
+    (tmp_path / "base").mkdir()
+    stages = [{k: (str(tmp_path / "base") if v == "BASE" else v) for k, v in s.items()} for s in stages]
+    with pytest.raises(UserError) as e:
+        Pipeline(_recipe(*stages), tmp_path / "out").run()
+    assert words in str(e.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_rerun_from_another_folder_still_replaces_the_previous_files(tmp_path):
+    """The manifest's paths are relative to where that run started: the next run finds them by name in the folder."""
+    recipe = tmp_path / "r.yaml"
+    stages = [{"stage": "export", "formats": ["onnx", "openvino"], "eval": False}, {**FAST, "junit": "a.xml"}]
+    recipe.write_text(yaml.safe_dump({"model": str(RESNET20), "arch": "resnet20", "stages": stages}))
+    assert run_cli("-q", "run", recipe, "-o", "out", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "out" / "original.xml").is_file() and (tmp_path / "out" / "a.xml").is_file()
+    recipe.write_text(yaml.safe_dump({"model": str(RESNET20), "arch": "resnet20", "stages": [EXPORT]}))
+    assert run_cli("-q", "run", recipe, "-o", tmp_path / "out", cwd=tmp_path.parent).returncode == 0
+    left = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert left == ["manifest.json", "original.onnx"], left
+
+
+def test_the_summary_says_when_an_artifact_had_no_baseline(tmp_path):
+    (tmp_path / "base").mkdir()
+    stage = {**FAST, "budget": {"size": "10MB"}, "baseline": str(tmp_path / "base"), "summary": "s.md"}
+    Pipeline(_recipe(EXPORT, stage), tmp_path / "out").run()
+    assert "> no baseline for original.onnx in" in (tmp_path / "out" / "s.md").read_text()
