@@ -30,7 +30,8 @@ threshold on two medians would flag noise, so the verdict comes from the runs' s
   * the runs are sequential, not independent: a burst of other load or a frequency change shifts many
     neighbouring runs at once, and a test that counts 300 runs as 300 independent draws calls that burst
     "significant". So each profile's runs are cut into contiguous blocks (batch means: up to 20 blocks of at
-    least 10 runs; fewer than 50 runs are used as they are) and the tests work on the block medians;
+    least 10 runs; fewer than 50 runs are used as they are; both profiles with the same, smaller block size)
+    and the tests work on the block medians;
   * Mann-Whitney U test, two-sided, on the block medians: p-value that the two latency distributions are the
     same; exact (the distribution of U over all orderings) when there are no ties and at most 50 blocks a
     side, else the normal approximation with tie and continuity corrections. With 5 blocks a side only the
@@ -455,25 +456,28 @@ def _average_ranks(a: np.ndarray) -> np.ndarray:
 MAX_BLOCKS, MIN_BLOCK = 20, 10
 
 
-def blocks(x: np.ndarray) -> np.ndarray:
+def blocks(x: np.ndarray, size: int | None = None) -> np.ndarray:
     """Contiguous blocks of runs, shape (k, size): up to MAX_BLOCKS of at least MIN_BLOCK runs; (n, 1) below 50 runs.
+    With `size`, blocks of exactly that many runs (both sides of a comparison use the same size).
 
     A trailing remainder (fewer than one block) is dropped from the block statistics.
     """
-    k = min(MAX_BLOCKS, len(x) // MIN_BLOCK)
-    if k < 5:
-        return x.reshape(-1, 1)
-    size = len(x) // k
+    if size is None:
+        k = min(MAX_BLOCKS, len(x) // MIN_BLOCK)
+        if k < 5:
+            return x.reshape(-1, 1)
+        size = len(x) // k
+    k = len(x) // size
     return x[:k * size].reshape(k, size)
 
 
 def bootstrap_median_diff(base: np.ndarray, new: np.ndarray, n_boot: int = BOOTSTRAP, seed: int = 0,
-                          level: float = 0.95) -> tuple[list[float], list[float]]:
+                          level: float = 0.95, size: int | None = None) -> tuple[list[float], list[float]]:
     """95% bootstrap CIs of median(new) - median(base), in ms and relative to median(base), resampling blocks."""
     rng = np.random.default_rng(seed)
 
     def medians(x: np.ndarray) -> np.ndarray:
-        bl = blocks(x)
+        bl = blocks(x, size)
         pick = bl[rng.integers(0, len(bl), (n_boot, len(bl)))]  # (n_boot, k, size): whole blocks
         return np.median(pick.reshape(n_boot, -1), axis=1)
 
@@ -496,7 +500,9 @@ def compare_profiles(baseline: dict, current: dict, alpha: float = DEFAULT_ALPHA
     new = np.asarray(current["samples_ms"], dtype=np.float64)
     if len(base) < 2 or len(new) < 2:
         raise UserError("baseline comparison needs at least 2 timed runs in each profile (use --iterations >= 20)")
-    bb, bn = blocks(base), blocks(new)
+    # one block size for both sides (the smaller): medians of 15 runs against single runs would compare spreads too
+    size = min(blocks(base).shape[1], blocks(new).shape[1])
+    bb, bn = blocks(base, size), blocks(new, size)
     med_b, med_n = np.median(bb, axis=1), np.median(bn, axis=1)
     u, z, p = mann_whitney_u(med_n, med_b)
     # few blocks: the normal approximation is too coarse (5 vs 5 can never get below p = 0.012 with it, so the gate
@@ -510,7 +516,7 @@ def compare_profiles(baseline: dict, current: dict, alpha: float = DEFAULT_ALPHA
                             f"iterations")
     mb, mn = float(np.median(base)), float(np.median(new))
     rel = mn / mb - 1.0 if mb > 0 else float("inf")
-    ci_ms, ci_rel = bootstrap_median_diff(base, new, seed=seed)
+    ci_ms, ci_rel = bootstrap_median_diff(base, new, seed=seed, size=size)
     significant = p < alpha
     if significant and rel > max_slowdown:
         verdict = "slower"

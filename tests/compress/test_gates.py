@@ -296,3 +296,11 @@ def test_a_bare_max_slowdown_of_1_or_more_is_ambiguous():
     with pytest.raises(UserError, match="ambiguous"):
         gates.parse_fraction("5")
     assert gates.parse_fraction("150%") == pytest.approx(1.5) and gates.parse_fraction(0.05) == pytest.approx(0.05)
+
+
+def test_both_sides_use_the_same_block_size():
+    """A 300-run baseline (blocks of 15) against a 40-run profile (single runs): both are compared run by run."""
+    c = gates.compare_profiles(_profile(_samples(n=300)), _profile(_samples(n=40, seed=3)))
+    assert (c["baseline"]["blocks"], c["current"]["blocks"]) == (300, 40)
+    c = gates.compare_profiles(_profile(_samples(n=300)), _profile(_samples(n=100, seed=3)))
+    assert (c["baseline"]["blocks"], c["current"]["blocks"]) == (30, 10)  # blocks of 10, the smaller side's size
