@@ -175,3 +175,6 @@ def test_an_estimate_is_gated_only_on_what_it_predicts(resnet20_artifacts, tmp_p
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "s.md").read_text()
     assert "**Predicted** by `estimate:rpi5`" in text and "p90" not in text and "1 runs" not in text
+    r = run_cli("profile", onnx_path, "--device", "estimate:rpi5", "--budget", "latency.p50=1us", "--junit",
+                tmp_path / "g.xml")
+    assert r.returncode == 1 and "PREDICTED by estimate:rpi5 (not measured)" in (tmp_path / "g.xml").read_text()
