@@ -373,9 +373,11 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
     if not 0 < alpha < 1:
         raise UserError(f"--alpha must be between 0 and 1 (got {alpha})")
     base = load_profile(baseline) if baseline else None
+    earlier = None  # ARTIFACT as a profile JSON, read once
     if base is not None:  # before measuring: a prediction on either side has nothing to compare
         gates.check_measured(base, "--baseline")
-        gates.check_measured(device if artifact.suffix.lower() != ".json" else load_profile(artifact), "this profile")
+        earlier = load_profile(artifact) if artifact.suffix.lower() == ".json" else None
+        gates.check_measured(earlier or device, "this profile")
     if base is not None and artifact.suffix.lower() != ".json" and base.get("settings", {}).get("batch") != batch:
         raise UserError(f"baseline was measured at batch {base.get('settings', {}).get('batch')}, this profile would "
                         f"be at batch {batch}: not comparable (give --batch {base.get('settings', {}).get('batch')})")
@@ -390,7 +392,7 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
         raise UserError(f"artifact not found: {artifact}")
 
     if artifact.suffix.lower() == ".json":  # an earlier profile: gate it as it is
-        prof = load_profile(artifact)
+        prof = earlier or load_profile(artifact)
         if gates.is_prediction(prof):
             gates.check_predictable(budgets, prof["target"])
         measured = Path(prof["artifact"]["path"])

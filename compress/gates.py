@@ -431,10 +431,13 @@ def exact_p(u: float, n1: int, n2: int) -> float:
 def check_attainable(iterations: int, alpha: float) -> None:
     """Refuse, before measuring, a run count whose blocks can never show a difference at alpha (both sides alike)."""
     n = len(blocks(np.zeros(iterations)))
-    if smallest_p(n, n) >= alpha:
-        raise UserError(f"{iterations} timed runs make {n} blocks a side, which can never show a difference at alpha "
-                        f"{alpha:g} (the smallest p they can give is {smallest_p(n, n):.3g}): profile with more "
-                        f"iterations")
+    _refuse_unattainable(n, n, alpha, f"{iterations} timed runs ({n} blocks a side)")
+
+
+def _refuse_unattainable(n1: int, n2: int, alpha: float, what: str) -> None:
+    if smallest_p(n1, n2) >= alpha:
+        raise UserError(f"{what} can never show a difference at alpha {alpha:g} (the smallest p they can give is "
+                        f"{smallest_p(n1, n2):.3g}): profile with more iterations")
 
 
 def smallest_p(n1: int, n2: int) -> float:
@@ -512,10 +515,7 @@ def compare_profiles(baseline: dict, current: dict, alpha: float = DEFAULT_ALPHA
     exact = len(np.unique(np.concatenate([med_n, med_b]))) == len(med_n) + len(med_b) and max(len(bb), len(bn)) <= EXACT_MAX
     if exact:
         p = exact_p(u, len(bn), len(bb))
-        if smallest_p(len(bn), len(bb)) >= alpha:
-            raise UserError(f"{len(bn)} vs {len(bb)} timed runs/blocks can never show a difference at alpha {alpha:g} "
-                            f"(the smallest p they can give is {smallest_p(len(bn), len(bb)):.3g}): profile with more "
-                            f"iterations")
+        _refuse_unattainable(len(bn), len(bb), alpha, f"{len(bn)} vs {len(bb)} timed runs/blocks")
     mb, mn = float(np.median(base)), float(np.median(new))
     rel = mn / mb - 1.0 if mb > 0 else float("inf")
     ci_ms, ci_rel = bootstrap_median_diff(base, new, seed=seed, size=size)

@@ -252,12 +252,13 @@ class Pipeline:
                 if not s.get("output"):
                     from exporters import SUFFIX
 
+                    from exporters.ort import companion_paths
+
                     for v in (names if chosen == "all" else chosen):
                         for f in formats:
-                            written[v + SUFFIX.get(f, "." + f)] = f"the {f} export of {v}"
-                            extra = {"openvino": [".bin"], "ort": [".required_operators.config", ".json"]}
-                            for suffix in extra.get(f, []):
-                                written[v + suffix] = f"the {f} export of {v}"
+                            files = {"ort": [p.name for p in companion_paths(Path(v + SUFFIX[f])).values()],
+                                     "openvino": [v + SUFFIX[f], v + ".bin"]}.get(f, [v + SUFFIX.get(f, "." + f)])
+                            written.update({name: f"the {f} export of {v}" for name in files})
                 if "tensorrt" in formats:  # not after the stages before it have run for minutes
                     from exporters.tensorrt import import_tensorrt, require_gpu
 
@@ -281,7 +282,7 @@ class Pipeline:
                     raise UserError("profile stage: nothing exported before it (add an export stage before it)")
                 _check_positive_int(s.get("rounds", 1), "profile: rounds")
                 profile_opts, device_opts = split_options(_profile_options(s))
-                ProfileOptions.coerce(profile_opts)
+                measuring = ProfileOptions.coerce(profile_opts)
                 device = _device_name(device_opts.get("device", "local"))
                 if device_opts.keys() - {"device"} and device_kind(device) == "local":  # a typo, not a device option
                     raise UserError(_unknown_profile_keys(sorted(device_opts.keys() - {"device"})))
@@ -293,14 +294,15 @@ class Pipeline:
                     raise UserError(f"profile: two profile stages on {device}; one per device (it writes "
                                     f"<artifact>{'' if device == 'local' else '.<device>'}.profile.json)")
                 profiled_on.add(device)
-                if gates.needs_accuracy(gates.parse_budget(s.get("budget"))) and not self.recipe.data.get("eval"):
+                budgets = gates.parse_budget(s.get("budget"))
+                if gates.needs_accuracy(budgets) and not self.recipe.data.get("eval"):
                     raise UserError("profile stage: an accuracy budget needs eval data (data: eval: [...]) in the recipe")
-                gates.check_predictable(gates.parse_budget(s.get("budget")), device)
-                _gate_settings(s)
+                gates.check_predictable(budgets, device)
+                _, alpha = _gate_settings(s)
                 base = _baseline_dir(s)
                 if base is not None:
-                    gates.check_measured(str(s.get("device", "local")), "profile: this stage's device")
-                    gates.check_attainable(ProfileOptions.coerce(profile_opts).iterations, _gate_settings(s)[1])
+                    gates.check_measured(device, "profile: this stage's device")
+                    gates.check_attainable(measuring.iterations, alpha)
                 elif {"max_slowdown", "alpha"} & s.keys():
                     raise UserError(f"profile: {' and '.join(sorted({'max_slowdown', 'alpha'} & s.keys()))} set the "
                                     f"comparison with a baseline: add `baseline:` (a folder with the previous artifacts)")

@@ -23,11 +23,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from urllib.parse import parse_qsl
 
-# `python -m devices.estimate calibrate ...` imports this package first, which imports devices.estimate, so runpy
-# then runs the module a second time as __main__ and warns; that second copy only parses arguments and calls the
-# same functions, so the warning says nothing to a user
-warnings.filterwarnings("ignore", message=r"'devices\.estimate' found in sys\.modules", category=RuntimeWarning)
-
 from compress.errors import UserError
 from compress.registry import Registry
 from devices.base import Device, ProfileOptions
@@ -36,6 +31,11 @@ from devices.estimate import EstimateDevice
 from devices.gpu import CudaDevice
 from devices.local import LocalDevice
 from devices.ssh import SSHDevice
+
+# `python -m devices.estimate calibrate ...` imports this package first, which imports devices.estimate, so runpy
+# then runs the module a second time as __main__ and warns; that second copy only parses arguments and calls the
+# same functions, so the warning says nothing to a user
+warnings.filterwarnings("ignore", message=r"'devices\.estimate' found in sys\.modules", category=RuntimeWarning)
 
 DEVICES: Registry[type[Device]] = Registry("device")
 DEVICES.add("local", LocalDevice)

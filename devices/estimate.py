@@ -620,6 +620,9 @@ class EstimateDevice(Device):
     name = "estimate"
 
     def __init__(self, entry: str = "host", calibration: str | None = None):
+        catalog = load_catalog()
+        if entry not in catalog:  # here, so a recipe's typo fails when its stages are checked, before they run
+            raise UserError(f"unknown estimate device {entry!r}; choose one of: {', '.join(sorted(catalog))}")
         self.entry_name = entry
         self.calibration = calibration
 
@@ -631,11 +634,8 @@ class EstimateDevice(Device):
         if unknown:
             raise UserError(f"estimate device: unknown option(s) {', '.join(sorted(unknown))} (known: calibration)")
         name = head.partition(":")[2]
-        catalog = load_catalog()
         if not name:
-            raise UserError(f"estimate needs a device name: estimate:NAME ({', '.join(sorted(catalog))})")
-        if name not in catalog:  # here, so a recipe's typo fails before its stages run
-            raise UserError(f"unknown estimate device {name!r}; choose one of: {', '.join(sorted(catalog))}")
+            raise UserError(f"estimate needs a device name: estimate:NAME ({', '.join(sorted(load_catalog()))})")
         return cls(name, opts.get("calibration"))
 
     def run_profile(self, artifact: str | Path, runtime: str | None = None,
@@ -645,10 +645,7 @@ class EstimateDevice(Device):
 
         opts = ProfileOptions.coerce(options)
         path = check_artifact(artifact).resolve()
-        catalog = load_catalog()
-        if self.entry_name not in catalog:
-            raise UserError(f"unknown estimate device {self.entry_name!r}; choose one of: {', '.join(sorted(catalog))}")
-        entry = catalog[self.entry_name]
+        entry = load_catalog()[self.entry_name]
         params = default_params(entry)
         if self.calibration:
             params = load_fit(self.calibration)

@@ -7,6 +7,8 @@ and the model comes back on the CPU, ready to export.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -66,8 +68,8 @@ def test_the_saved_model_records_the_device_that_ran(tmp_path):
 @needs_cuda
 def test_synthesis_on_cuda_starts_where_the_cpu_starts_and_converges(resnet20):
     cfg = SynthesisConfig(samples=16, batch=16, iters=40, gen_c1=32, gen_c2=16, seed=0)
-    x_gpu, s_gpu = synthesize(resnet20.model, resnet20.spec.shape, SynthesisConfig(**{**cfg.__dict__, "device": "cuda"}))
-    _, s_cpu = synthesize(resnet20.model, resnet20.spec.shape, SynthesisConfig(**{**cfg.__dict__, "iters": 1}))
+    x_gpu, s_gpu = synthesize(resnet20.model, resnet20.spec.shape, replace(cfg, device="cuda"))
+    _, s_cpu = synthesize(resnet20.model, resnet20.spec.shape, replace(cfg, iters=1))
     first_gpu, first_cpu = s_gpu["batches"][0]["first"]["loss"], s_cpu["batches"][0]["first"]["loss"]
     assert first_gpu == pytest.approx(first_cpu, rel=1e-3)  # same generator, latents and shifts: same first loss
     assert first_gpu / s_gpu["batches"][0]["last"]["loss"] > 10
