@@ -611,8 +611,12 @@ def _warnings(a: dict, b: dict):
 
 def evaluate(profile: dict, budgets: list[Budget] | None = None, baseline: dict | None = None,
              accuracy: list[dict] | None = None, reference: list[dict] | None = None,
-             alpha: float = DEFAULT_ALPHA, max_slowdown: float = DEFAULT_MAX_SLOWDOWN) -> dict:
-    """Budgets and the baseline comparison for one profile -> a report dict (`passed`, `failures`, rows)."""
+             alpha: float = DEFAULT_ALPHA, max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
+             baseline_missing: str | None = None) -> dict:
+    """Budgets and the baseline comparison for one profile -> a report dict (`passed`, `failures`, rows).
+
+    `baseline_missing`: why a comparison that was asked for could not run (a CI job's first run has no previous
+    artifact); it becomes a skipped JUnit testcase and a note, not a failure."""
     if reference is None and baseline is not None and baseline.get("accuracy"):
         reference = [baseline["accuracy"]]
     rows = check_budgets(budgets or [], profile, accuracy, reference)
@@ -626,7 +630,8 @@ def evaluate(profile: dict, budgets: list[Budget] | None = None, baseline: dict 
     return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "artifact": profile.get("artifact", {}).get("path"), "target": profile.get("target"),
             "budgets": rows, "baseline": comparison, "accuracy": accuracy, "reference_accuracy": reference,
-            "passed": not failures, "failures": failures}
+            "passed": not failures, "failures": failures,
+            **({"baseline_missing": baseline_missing, "max_slowdown": max_slowdown} if baseline_missing else {})}
 
 
 def failure_line(report: dict) -> str:
@@ -647,18 +652,23 @@ def to_junit(report: dict | list[dict], suite: str = "compress.gates") -> str:
         return f"{suite} {Path(str(r.get('artifact'))).name}{where}"
 
     suites = [(_junit_cases(r), r, suite_name(r)) for r in reports]
-    tests = sum(len(cases) for cases, _, _ in suites)
-    failures = sum(1 for cases, _, _ in suites for case in cases if case[2] != "pass")
-    root = ET.Element("testsuites", name="compress", tests=str(tests), failures=str(failures), errors="0")
+    def counts(cases: list) -> dict[str, str]:
+        statuses = [case[2] for case in cases]
+        skipped = statuses.count("skipped")
+        return {"tests": str(len(cases)), "failures": str(len(cases) - statuses.count("pass") - skipped),
+                "errors": "0", "skipped": str(skipped)}
+
+    root = ET.Element("testsuites", name="compress", **counts([c for cases, _, _ in suites for c in cases]))
     for cases, r, name in suites:
-        bad = sum(1 for case in cases if case[2] != "pass")
-        ts = ET.SubElement(root, "testsuite", name=name, tests=str(len(cases)), failures=str(bad), errors="0",
-                           skipped="0", timestamp=r.get("created", ""), hostname=str(r.get("target") or ""))
+        ts = ET.SubElement(root, "testsuite", name=name, **counts(cases), timestamp=r.get("created", ""),
+                           hostname=str(r.get("target") or ""))
         props = ET.SubElement(ts, "properties")
         ET.SubElement(props, "property", name="artifact", value=str(r.get("artifact")))
         for classname, case_name, status, msg, detail in cases:
             tc = ET.SubElement(ts, "testcase", classname=classname, name=case_name, time="0")
-            if status != "pass":
+            if status == "skipped":  # a JUnit reader shows it as skipped, and a report with only these is not empty
+                ET.SubElement(tc, "skipped", message=msg)
+            elif status != "pass":
                 f = ET.SubElement(tc, "failure", message=msg, type="GateFailed")
                 f.text = detail
             else:
@@ -679,13 +689,19 @@ def _junit_cases(report: dict) -> list[tuple[str, str, str, str, str]]:
                f"95% CI {c['ci95_diff_rel'][0]:+.1%}..{c['ci95_diff_rel'][1]:+.1%}), p = {_p(c['p_value'])}: {c['verdict']}")
         cases.append(("compress.baseline", f"latency vs baseline (max slowdown {c['max_slowdown']:.0%})",
                       c["status"], msg, "; ".join([c["reason"], *c["notes"]])))
+    elif report.get("baseline_missing"):
+        cases.append(("compress.baseline", f"latency vs baseline (max slowdown {report['max_slowdown']:.0%})",
+                      "skipped", report["baseline_missing"], ""))
     return cases
 
 
 def to_markdown(report: dict, profile: dict | None = None) -> str:
     ok = report["passed"]
     name = Path(str(report.get("artifact"))).name
-    lines = [f"### {'✅' if ok else '❌'} compress gates: `{name}` {'passed' if ok else 'FAILED'}", ""]
+    if ok and not report["budgets"] and not report.get("baseline"):  # only a skipped comparison (no baseline yet)
+        lines = [f"### ➖ compress gates: `{name}`: nothing checked", ""]
+    else:
+        lines = [f"### {'✅' if ok else '❌'} compress gates: `{name}` {'passed' if ok else 'FAILED'}", ""]
     if profile and is_prediction(profile):
         lines += [f"**Predicted** by `{profile.get('target')}` (roofline over the ONNX graph), not measured: "
                   f"latency ~{profile['latency_ms']['p50']:.3f} ms at batch {profile['settings']['batch']}", ""]

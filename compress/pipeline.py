@@ -318,6 +318,9 @@ class Pipeline:
                     if value in written or value.endswith((".profile.json", ".gates.json")):
                         raise UserError(f"profile: {key}: {value} is a file this run writes "
                                         f"({written.get(value, 'a profile or gate report')}); choose another name")
+                    if not budgets and base is None:
+                        raise UserError(f"profile: {key} reports the stage's gates, and it has none: add `budget:` "
+                                        f"and/or `baseline:` (a folder with the previous artifacts)")
                     written[value] = f"the {key} of the profile stage on {device}"
 
     def _load(self) -> None:
@@ -540,14 +543,17 @@ class Pipeline:
             done.append(str(prof_path))
             base = baselines.get(i)
             base = kept(measured[base]) if isinstance(base, int) else base
-            if budgets or base is not None:
+            # no baseline yet (a CI job's first run): a skipped check and a note in the summary, not only in the log
+            missing = (f"no baseline for {Path(art['path']).name} in {base_dir}: latency not compared"
+                       if base_dir is not None and i not in baselines else None)
+            if budgets or base is not None or missing:
                 reference = self.result.variants["original"].metrics.get("accuracy", {})
                 report = gates.evaluate(prof, budgets, base,
                                         accuracy=[gates.accuracy_record(v, k) for k, v in art.get("accuracy", {}).items()],
                                         reference=[gates.accuracy_record(v, k) for k, v in reference.items()],
-                                        alpha=alpha, max_slowdown=slowdown)
-                if base_dir is not None and i not in baselines:  # said in the summary, not only in the log
-                    report["notes"] = [f"no baseline for {Path(art['path']).name} in {base_dir}: latency not compared"]
+                                        alpha=alpha, max_slowdown=slowdown, baseline_missing=missing)
+                if missing:
+                    report["notes"] = [missing]
                 gates_path = Path(art["path"]).with_name(Path(art["path"]).name + tag + ".gates.json")
                 with atomic_path(gates_path) as tmp:
                     tmp.write_text(json.dumps(_jsonable(report), indent=2))
@@ -561,11 +567,9 @@ class Pipeline:
         if base_dir is not None:
             record["baseline"] = {"folder": str(base_dir), "max_slowdown": slowdown, "alpha": alpha,
                                   "compared": [Path(arts[i]["path"]).name for i in baselines]}
-        nothing = (f"### ➖ compress gates{where}: nothing checked\n\nNo budget, and no baseline for "
-                   f"{', '.join(Path(a['path']).name for a in arts)} in {base_dir}.\n")
         for key, text in (("junit", lambda: gates.to_junit([r for r, _ in reports])),
-                          ("summary", lambda: "".join(gates.to_markdown(r, p) for r, p in reports) or nothing)):
-            if stage.get(key):  # also with nothing to check (a first CI run without a baseline): a reader expects it
+                          ("summary", lambda: "".join(gates.to_markdown(r, p) for r, p in reports))):
+            if stage.get(key):  # every artifact has a report (a missing baseline is a skipped check)
                 path = self.out_dir / stage[key]
                 gates.write_text_atomic(path, text())
                 record[key] = str(path)

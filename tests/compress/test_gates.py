@@ -158,6 +158,17 @@ def test_junit_and_markdown():
     assert "| `size` | <= 5 MB | 6 MB | ❌ fail |" in md and "slower" in md and "FAILED" in md
 
 
+def test_a_missing_baseline_is_a_skipped_testcase_beside_the_budgets():
+    report = gates.evaluate(_profile(_samples(), size=6_000_000), gates.parse_budget("size=5MB"),
+                            baseline_missing="no baseline for m.onnx in prev: latency not compared")
+    assert report["failures"] == ["size 6 MB (limit <= 5 MB)"]  # the missing baseline is no failure
+    suite = ET.fromstring(gates.to_junit(report)).find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("2", "1", "1")
+    skipped = [tc for tc in suite.iter("testcase") if tc.find("skipped") is not None]
+    assert [tc.get("name") for tc in skipped] == ["latency vs baseline (max slowdown 5%)"]
+    assert "FAILED" in gates.to_markdown(report)
+
+
 # ---- the real CLI ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
