@@ -372,6 +372,9 @@ def profile(artifact: Path, runtime: str | None, device: str, threads: int | Non
     slowdown = gates.parse_fraction(max_slowdown, "--max-slowdown")
     if not 0 < alpha < 1:
         raise UserError(f"--alpha must be between 0 and 1 (got {alpha})")
+    if (junit or summary) and not budgets and not baseline:  # else the file would silently not be written
+        raise UserError(f"{'--junit' if junit else '--summary'} reports the gates, and there are none: "
+                        f"give --budget and/or --baseline")
     base = load_profile(baseline) if baseline else None
     earlier = None  # ARTIFACT as a profile JSON, read once
     if base is not None:  # before measuring: a prediction on either side has nothing to compare

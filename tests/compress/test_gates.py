@@ -255,6 +255,7 @@ def test_cli_bad_budget_exit_2_one_line(tmp_path):
     (["--reference", "m.th"], "give both"),
     (["--alpha", "2"], "--alpha"),
     (["--max-slowdown", "5"], "ambiguous"),
+    (["--junit", "j.xml"], "--junit reports the gates, and there are none"),
     (["--baseline", "TMP"], "is a folder: give a profile JSON"),
     (["--baseline", "BIN"], "not a JSON profile (binary data"),
 ])
