@@ -106,12 +106,18 @@ def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, In
         mod_name, _, fn_name = arch.partition(":")
         try:
             factory = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as e:
-            raise UserError(f"cannot import architecture {arch!r}: {e}") from None
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module: missing, broken, or exits on import
+            raise UserError(f"cannot import architecture {arch!r}: {first_line(e) or type(e).__name__}") from None
         if kwargs and not takes_num_classes(factory):
             raise UserError(f"--arch {arch}: the checkpoint has {num_classes} outputs, but {fn_name}() takes no "
                             f"num_classes argument to build that many")
-        return factory(**kwargs), InputSpec()
+        try:
+            model = factory(**kwargs)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's factory; SystemExit would end with exit 0
+            raise UserError(f"--arch {arch}: {fn_name}() failed: {type(e).__name__}: {first_line(e)}") from None
+        if not isinstance(model, nn.Module):
+            raise UserError(f"--arch {arch}: {fn_name}() returned a {type(model).__name__}, not a torch.nn.Module")
+        return model, InputSpec()
     entry = ARCHS.get(arch)
     return entry.factory(**kwargs), InputSpec(entry.input_shape, entry.mean, entry.std)
 
@@ -150,6 +156,11 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
         if isinstance(obj, nn.Module):
             lm = LoadedModel(obj, InputSpec(), "pickle", str(path))
         elif isinstance(obj, dict) and obj.get("format") == FORMAT:
+            recorded = obj.get("arch")
+            # a custom architecture is code: the file must not pick a module to import and run (a zoo name is safe)
+            if isinstance(recorded, str) and ":" in recorded and arch != recorded and not trust_pickle:
+                raise UserError(f"{path} is a saved model of the custom architecture {recorded}: rebuilding it imports "
+                                f"and runs that module's code; confirm with --arch {recorded} (or --trust-pickle)")
             lm = _from_saved(obj, str(path))
             if arch is not None and arch != lm.arch:  # it records its own architecture: a different one is a mix-up
                 raise UserError(f"{path} is a saved {lm.arch} model; --arch {arch} does not apply to it (drop --arch)")
@@ -318,6 +329,8 @@ def _from_saved(obj: dict, source: str) -> LoadedModel:
         spec = InputSpec.from_dict(obj["input_spec"])
     except (KeyError, TypeError) as e:
         raise UserError(f"{source}: damaged compress model file (missing {e})") from None
+    if not isinstance(arch, str) or not isinstance(kwargs, dict):
+        raise UserError(f"{source}: damaged compress model file (arch {arch!r})")
     model, _ = build_arch(arch, kwargs.get("num_classes"))
     model = replay(model, edits)
     conform_to_state_dict(model, state)
@@ -329,10 +342,9 @@ def _from_saved(obj: dict, source: str) -> LoadedModel:
 
 
 def _load_export(path: Path) -> LoadedModel:
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as e:  # noqa: BLE001 - any failure here is a bad file
-        raise UserError(f"{path}: cannot load torch.export program ({type(e).__name__})") from None
+    from runtimes.torch import load_export_program
+
+    ep = load_export_program(path, torch)
     args = ep.example_inputs[0] if ep.example_inputs else ()
     shape = tuple(args[0].shape[1:]) if args else (3, 32, 32)
     module = ep.module()

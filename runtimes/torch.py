@@ -5,6 +5,9 @@ is not runnable without its architecture (load it with compress.io and export it
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import zipfile
 from pathlib import Path
 
@@ -39,7 +42,7 @@ def open(path: Path, threads: int | None) -> TorchSession:  # noqa: A001 - the r
     kind = _sniff(path)
     try:
         if kind == "export":
-            program = torch.export.load(str(path))
+            program = load_export_program(path, torch)
             module, inputs = program.module(), _export_inputs(program)
         elif kind == "torchscript":
             module, inputs = torch.jit.load(str(path), map_location="cpu").eval(), [TensorInfo("input", None)]
@@ -53,6 +56,50 @@ def open(path: Path, threads: int | None) -> TorchSession:  # noqa: A001 - the r
         raise UserError(f"{path}: torch cannot load this {kind} archive ({first_line(e)})") from None
     options = {"format": kind, "num_threads": torch.get_num_threads()}
     return TorchSession(module, path, threads, inputs, options, torch)
+
+
+def load_export_program(path: str | Path, torch):
+    """torch.export.load without running code from the file.
+
+    An archive's example inputs, pickled weights and constants go through torch.load, which falls back to full
+    unpickling (weights_only=False) when the safe load fails: a crafted .pt2 runs code on load. Here every torch.load
+    is forced to weights_only (TORCH_FORCE_WEIGHTS_ONLY_LOAD), and opaque or custom-class constants, which torch
+    unpickles with pickle itself, are refused. torch's own tracebacks on a failed load are kept off the terminal;
+    the error says why in one line."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a torch.export archive ({first_line(e)})") from None
+    pickled = [n for n in names if "/data/constants/" in f"/{n}"
+               and n.rsplit("/", 1)[-1].startswith(("custom_obj_", "opaque_obj_"))]
+    if pickled:
+        raise UserError(f"{path}: holds {len(pickled)} pickled object constant(s) ({pickled[0]}), which loading would "
+                        f"unpickle (run code from the file); only tensors and graphs are loaded")
+    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    errors: list[BaseException] = []  # what torch logs (as a traceback) before its generic "see the warnings above"
+    collect = logging.Handler(logging.WARNING)
+    collect.emit = lambda record: errors.append(record.exc_info[1]) if record.exc_info else None  # type: ignore
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export")]  # torch gives them stderr handlers
+    saved_state = [(lg.handlers[:], lg.propagate) for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.handlers, lg.propagate = [collect], False
+        return torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001 - a damaged or crafted archive fails in many ways
+        why = first_line(errors[-1] if errors else e)
+        if why.startswith("Weights only load failed"):
+            why = "it holds pickled Python objects, not only tensors; loading them would run code from the file"
+        raise UserError(f"{path}: cannot load torch.export program ({why})") from None
+    finally:
+        for lg, (handlers, flag) in zip(loggers, saved_state):
+            lg.handlers, lg.propagate = handlers, flag
+        with contextlib.suppress(KeyError):
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        if saved is not None:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
 
 
 def _sniff(path: Path) -> str:

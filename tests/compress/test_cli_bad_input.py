@@ -68,6 +68,49 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
     assert not marker.exists(), "the pickle's code ran"
 
 
+def _export_archive(tmp_path):
+    import torch
+
+    path = tmp_path / "good.pt2"
+    torch.export.save(torch.export.export(torch.nn.Conv2d(3, 4, 3).eval(), (torch.zeros(1, 3, 8, 8),)), path)
+    return path
+
+
+def _rewrite_zip(src, dst, replace=None, add=None) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, (replace or {}).get(info.filename.split("/", 1)[1], zin.read(info.filename)))
+        for name, data in (add or {}).items():
+            zout.writestr(f"{zin.namelist()[0].split('/')[0]}/{name}", data)
+
+
+@pytest.mark.parametrize("verb", ["info", "profile"])
+def test_a_torch_export_archive_with_a_pickle_in_its_sample_inputs_runs_no_code(tmp_path, verb):
+    """torch.export.load falls back to full unpickling when the safe load of the example inputs fails."""
+    import io
+
+    import torch
+
+    marker = tmp_path / "pwned"
+    payload = _RunsCode()
+    payload.marker = marker
+    buf = io.BytesIO()
+    torch.save(((payload,), {}), buf)
+    evil = tmp_path / "evil.pt2"
+    _rewrite_zip(_export_archive(tmp_path), evil, replace={"data/sample_inputs/model.pt": buf.getvalue()})
+    proc = run_cli(verb, evil, *(["--iterations", "3"] if verb == "profile" else []))
+    assert_user_error(proc, "pickled Python objects", "run code")
+    assert not marker.exists(), "the archive's pickle ran"
+
+
+def test_a_torch_export_archive_with_an_opaque_object_constant_is_refused(tmp_path):
+    evil = tmp_path / "opaque.pt2"
+    _rewrite_zip(_export_archive(tmp_path), evil, add={"data/constants/opaque_obj_0": pickle.dumps(_RunsCode)})
+    assert_user_error(run_cli("info", evil), "pickled object constant", "opaque_obj_0")
+
+
 def test_state_dict_of_another_arch(tmp_path):
     assert_user_error(run_cli("info", RESNET20, "--arch", "resnet32"), "does not match --arch resnet32", "missing")
 

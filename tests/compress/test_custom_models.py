@@ -41,6 +41,14 @@ def graynet_fixed() -> nn.Module:  # a factory that takes no num_classes
     return GrayNet()
 
 
+def graynet_exits() -> nn.Module:  # a factory that calls sys.exit: it ended the CLI with exit 0 and no output
+    raise SystemExit(0)
+
+
+def graynet_none():
+    return None
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("custom")
@@ -85,6 +93,24 @@ def test_class_count_and_factories(files):
     assert _ok("info", files / "gray5.pt", "--arch", f"{MODULE}:graynet_fixed", *shape)["params"] == \
         sum(p.numel() for p in GrayNet(5).parameters())
     assert "takes no num_classes" in _error("info", files / "gray7.pt", "--arch", f"{MODULE}:graynet_fixed", *shape)
+
+
+def test_factories_that_fail_are_one_line_errors(files):
+    shape = ("--input-shape", "1,28,28")
+    assert "graynet_exits() failed: SystemExit" in _error("info", files / "gray5.pt", "--arch", f"{MODULE}:graynet_exits", *shape)
+    assert "returned a NoneType, not a torch.nn.Module" in _error("info", files / "gray5.pt", "--arch",
+                                                                   f"{MODULE}:graynet_none", *shape)
+
+
+def test_a_saved_custom_arch_model_imports_its_module_only_when_named(files, tmp_path):
+    """The saved file records `arch: module:factory`; rebuilding it imports that module, which is code the file
+    chose. The user names it (or passes --trust-pickle); a zoo arch needs nothing."""
+    arch, shape = ("--arch", f"{MODULE}:graynet"), ("--input-shape", "1,28,28")
+    saved = tmp_path / "p.pt"
+    assert run_cli("prune", files / "gray5.pt", *arch, *shape, "-m", "l1", "--ratio", "0.25", "-o", saved).returncode == 0
+    assert f"confirm with --arch {MODULE}:graynet" in _error("info", saved)
+    assert _ok("info", saved, *arch)["params"] < sum(p.numel() for p in GrayNet(5).parameters())
+    assert _ok("info", saved, "--trust-pickle")["params"] == _ok("info", saved, *arch)["params"]
 
 
 def test_one_channel_inputs_and_data_that_does_not_fit(files):
