@@ -230,6 +230,9 @@ def _option_names(message: str, fields: list[str]) -> str:
     one-word keys (ratio, widths) too where they stand in a list with such an option ("one of ratio, --flops-target")."""
     import re
 
+    # "option lr: ..." (compress.stages' checks of any method option) names it as typed, one word or not
+    message = re.sub(r"(?<![\w-])option (\w+)(?=:)",
+                     lambda m: f"option --{m.group(1).replace('_', '-')}" if m.group(1) in fields else m.group(0), message)
     for f in sorted((f for f in fields if "_" in f), key=len, reverse=True):
         message = re.sub(rf"(?<![\w-]){re.escape(f)}(?![\w])", "--" + f.replace("_", "-"), message)
     words = {f for f in fields if "_" not in f}

@@ -9,6 +9,7 @@ recipe runner build their options from those registries, so a new method needs n
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,10 +109,15 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple | None) -> Any:
     try:
         if target is bool and isinstance(value, str):
             value = value.lower() in ("1", "true", "yes", "on")
+        elif target in (int, float) and (isinstance(value, bool) or (target is int and isinstance(value, float)
+                                                                     and not value.is_integer())):
+            raise TypeError  # a recipe's `calib_size: true` was 1 image, `16.5` was 16
         elif target in (int, float, str):
             value = target(value)
     except (TypeError, ValueError):
         raise UserError(f"option {key}: expected {target.__name__}, got {value!r}") from None
+    if target is float and not math.isfinite(value):  # nan passes every `x <= 0` check, and trains to nan
+        raise UserError(f"option {key}: expected a finite number, got {value!r}")
     if choices and value not in choices:
         raise UserError(f"option {key}: {value!r} is not one of {', '.join(map(str, choices))}")
     return value

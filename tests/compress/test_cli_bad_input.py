@@ -296,6 +296,27 @@ def test_errors_name_what_the_user_typed(tmp_path):
     assert_user_error(run_cli("run", bad), "not valid YAML at line 3, column 1")
 
 
+@pytest.mark.parametrize("args, words", [
+    (["prune", "-m", "l1", "--ratio", "0.3", "--lr", "nan", "--finetune-epochs", "1", "--data", "random:8"],
+     "option --lr: expected a finite number, got nan"),  # it fine-tuned to nan and saved a 10% model, exit 0
+    (["prune", "-m", "l1", "--speedup-target", "nan"], "option --speedup-target: expected a finite number"),
+    (["quantize", "-m", "genie", "--lr-bit", "inf"], "option --lr-bit: expected a finite number, got inf"),
+])
+def test_non_finite_numbers_are_refused_before_the_work(tmp_path, args, words):
+    assert_user_error(run_cli(args[0], RESNET20, "--arch", "resnet20", *args[1:], "-o", tmp_path / "m.pt"), words)
+    assert no_files(tmp_path)
+
+
+def test_recipe_numbers_of_the_wrong_kind(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    for value, words in (("true", "option calib_size: expected int, got True"),  # was 1 image
+                         ("16.5", "option calib_size: expected int, got 16.5")):  # was 16
+        recipe.write_text(f"model: {RESNET20}\narch: resnet20\ndata: {{calib: 'random:8'}}\n"
+                          f"stages:\n  - {{stage: quantize, method: minmax, calib_size: {value}}}\n")
+        assert_user_error(run_cli("run", recipe, "-o", tmp_path / "out"), words)
+        assert not (tmp_path / "out").exists()
+
+
 def test_options_a_rule_would_ignore(tmp_path):
     # lowrank's ratio / energy / budget each belong to rank rules: they used to be ignored silently under another
     for args, message in ((["--rank-rule", "flops", "--energy", "0.8"], "energy applies to --rank-rule energy, not flops"),
