@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from compress.errors import UserError
+from compress.errors import UserError, first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -65,10 +65,19 @@ def check_source(spec: str) -> None:
     """The errors load_dataset would raise for a bad spec or a missing file or folder, without reading any images
     (recipes check their data before the first stage runs)."""
     kind, where = _resolve(spec)
+    if kind != "random":
+        _check_exists(kind, where)
+
+
+def _check_exists(kind: str, where: Path) -> None:
+    """A data file (npz) or folder that is there and of the right kind; else what it is instead."""
     if kind == "npz" and not where.is_file():
-        raise UserError(f"data file not found: {where}")
+        raise UserError(f"data file {where} is a folder: cifar10: takes an .npz file, folder: a folder of class "
+                        f"subfolders" if where.is_dir() else f"data file {where} is not a regular file"
+                        if where.exists() else f"data file not found: {where}")
     if kind == "folder" and not where.is_dir():
-        raise UserError(f"data folder not found: {where}")
+        raise UserError(f"data folder {where} is a file: folder: takes a folder of class subfolders, cifar10: an .npz"
+                        if where.exists() else f"data folder not found: {where}")
 
 
 def _resolve(spec: str) -> tuple[str, Path | int]:
@@ -79,6 +88,8 @@ def _resolve(spec: str) -> tuple[str, Path | int]:
         if n < 1:
             raise UserError(f"data {spec!r}: random:N takes a positive count of inputs, e.g. random:64")
         return "random", n
+    if kind in ("cifar10", "npz", "folder") and not rest:
+        raise UserError(f"data {spec!r} names no {'folder' if kind == 'folder' else 'file'}; give its path after the colon")
     if kind in ("cifar10", "npz"):
         return "npz", Path(rest)
     if kind == "folder":
@@ -105,8 +116,11 @@ def _fits(ds: Dataset, input_shape: tuple[int, ...]) -> Dataset:
 
 
 def _load_npz(path: Path) -> Dataset:
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
+    _check_exists("npz", path)
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if not head.startswith((b"PK", b"\x93NUMPY")):  # numpy would call anything else a pickle it refuses to load
+        raise UserError(f"{path}: not an .npz archive (numpy.savez writes one, with keys x and y)")
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
@@ -124,7 +138,9 @@ def _load_npz(path: Path) -> Dataset:
         raise UserError(f"{path}: holds no images")
     if y is not None and len(y) != len(x):
         raise UserError(f"{path}: 'y' has {len(y)} labels for {len(x)} images")
-    if y is not None and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0):
+    if y is not None and not np.issubdtype(y.dtype, np.integer):
+        raise UserError(f"{path}: 'y' must be class indices (integers >= 0), got {y.dtype} values")
+    if y is not None and y.min() < 0:
         raise UserError(f"{path}: 'y' must be class indices (integers >= 0), got {y.dtype} from {y.min()} to {y.max()}")
     return Dataset(x, None if y is None else y.astype(np.int64), str(path))
 
@@ -132,8 +148,7 @@ def _load_npz(path: Path) -> Dataset:
 def _load_folder(path: Path, input_shape: tuple[int, ...]) -> Dataset:
     from PIL import Image
 
-    if not path.is_dir():
-        raise UserError(f"data folder not found: {path}")
+    _check_exists("folder", path)
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise UserError(f"{path}: expected one subfolder of images per class")
@@ -145,8 +160,11 @@ def _load_folder(path: Path, input_shape: tuple[int, ...]) -> Dataset:
     for label, name in enumerate(classes):
         for f in sorted((path / name).iterdir()):
             if f.suffix.lower() in IMAGE_SUFFIXES:
-                with Image.open(f) as im:
-                    pixels = np.asarray(im.convert(mode).resize((w, h), Image.BILINEAR))
+                try:
+                    with Image.open(f) as im:
+                        pixels = np.asarray(im.convert(mode).resize((w, h), Image.BILINEAR))
+                except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+                    raise UserError(f"{f}: not a readable image ({first_line(e)})") from None
                 images.append(pixels[..., None] if pixels.ndim == 2 else pixels)
                 labels.append(label)
     if not images:

@@ -212,6 +212,8 @@ def load_profile(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder: give a profile JSON (compress profile ... -o FILE.json writes one)")
+    if path.exists() and not path.is_file():  # a FIFO would block forever, /dev/zero read without end
+        raise UserError(f"{path} is not a regular file: give a profile JSON")
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:

@@ -263,14 +263,22 @@ def test_bad_data(tmp_path):
     cases = {"empty.npz": dict(x=x[:0], y=np.zeros(0, np.int64)),
              "float.npz": dict(x=x.astype(np.float32), y=np.zeros(4, np.int64)),
              "negative.npz": dict(x=x, y=-np.ones(4, np.int64)),
-             "eleven.npz": dict(x=x, y=np.full(4, 11))}
+             "eleven.npz": dict(x=x, y=np.full(4, 11)),
+             "strings.npz": dict(x=x, y=np.array(list("abcd")))}  # an internal UFuncTypeError
     for name, arrays in cases.items():
         np.savez(tmp_path / name, **arrays)
+    (tmp_path / "text.npz").write_text("x,y\n")  # numpy calls it a pickle
     expect = {"empty.npz": "holds no images", "float.npz": "must be uint8", "negative.npz": "class indices",
-              "eleven.npz": "labels go up to 11 but the model has 10 outputs"}
+              "eleven.npz": "labels go up to 11 but the model has 10 outputs", "strings.npz": "got <U1 values",
+              "text.npz": "not an .npz archive", "": "'cifar10:' names no file", ".": "is a folder: cifar10: takes an .npz"}
     for name, message in expect.items():
-        assert_user_error(run_cli("eval", RESNET20, "--arch", "resnet20", "--data", f"cifar10:{tmp_path / name}"), message)
+        spec = f"cifar10:{tmp_path / name}" if name not in ("", ".") else f"cifar10:{name}"
+        assert_user_error(run_cli("eval", RESNET20, "--arch", "resnet20", "--data", spec), message)
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    (tmp_path / "imgs" / "cat" / "x.png").write_text("not a png")  # an internal UnidentifiedImageError
     for spec, message in (("folder:/nonexistent", "data folder not found"), ("random:abc", "positive count"),
+                          (f"folder:{tmp_path / 'imgs'}", "x.png: not a readable image"),
+                          (f"folder:{tmp_path / 'text.npz'}", "is a file: folder: takes a folder"),
                           ("imagenet:train.npz", "unknown source 'imagenet'")):
         assert_user_error(run_cli("eval", RESNET20, "--arch", "resnet20", "--data", spec), message)
     assert_user_error(run_cli("eval", RESNET20, "--arch", "resnet20", "--data", f"cifar10:{TEST_LOSSLESS}",

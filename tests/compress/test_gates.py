@@ -4,6 +4,7 @@ significantly slower than a baseline, 2 on a bad budget string."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from xml.etree import ElementTree as ET
@@ -258,12 +259,15 @@ def test_cli_bad_budget_exit_2_one_line(tmp_path):
     (["--junit", "j.xml"], "--junit reports the gates, and there are none"),
     (["--baseline", "TMP"], "is a folder: give a profile JSON"),
     (["--baseline", "BIN"], "not a JSON profile (binary data"),
+    (["--baseline", "FIFO"], "is not a regular file"),  # reading it blocked forever
 ])
 def test_bad_gate_options_fail_before_measuring(tmp_path, args, words):
     art = tmp_path / "m.onnx"
     art.write_bytes(b"never read: the options fail first")
     (tmp_path / "b.bin").write_bytes(bytes(range(256)))
-    args = [{"TMP": str(tmp_path), "BIN": str(tmp_path / "b.bin")}.get(a, a) for a in args]
+    os.mkfifo(tmp_path / "fifo.json")
+    args = [{"TMP": str(tmp_path), "BIN": str(tmp_path / "b.bin"), "FIFO": str(tmp_path / "fifo.json")}.get(a, a)
+            for a in args]
     r = CliRunner().invoke(cli, ["profile", str(art), *args])
     assert isinstance(r.exception, UserError) and words in str(r.exception), r.output
 
