@@ -591,6 +591,8 @@ class Pipeline:
             manifest = json.loads(old.read_text())
         except (OSError, ValueError):
             return
+        if not isinstance(manifest, dict):  # not one this toolchain wrote: it names nothing to remove
+            return
         listed = [v.get("path") for n, v in (manifest.get("variants") or {}).items() if n != "original"]
         listed += [f for a in manifest.get("artifacts") or [] for f in a.get("files") or [a.get("path")]]
         for p in manifest.get("profiles") or []:

@@ -49,12 +49,18 @@ class Recipe:
             raise UserError(f"recipe: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(TOP_KEYS))}")
         if "model" not in d or not d.get("stages"):
             raise UserError("recipe: needs `model:` and a non-empty `stages:` list")
+        _check_top_types(d)
         data = dict(d.get("data") or {})
         bad_roles = set(data) - DATA_ROLES
         if bad_roles:
             raise UserError(f"recipe data: unknown role(s) {', '.join(sorted(bad_roles))}; use {', '.join(sorted(DATA_ROLES))}")
         if isinstance(data.get("eval"), str):
             data["eval"] = [data["eval"]]
+        for role, val in data.items():
+            if not (isinstance(val, str) or (role == "eval" and isinstance(val, list)
+                                             and all(isinstance(v, str) for v in val))):
+                raise UserError(f"recipe data: {role} is a data spec such as cifar10:PATH.npz"
+                                f"{' (or a list of them)' if role == 'eval' else ''}, got {val!r}")
         stages = d["stages"]
         if not isinstance(stages, list) or not all(isinstance(s, dict) and "stage" in s for s in stages):
             raise UserError("recipe: each stage is a mapping with a `stage:` key")
@@ -86,7 +92,9 @@ class Recipe:
         if not path.is_file():
             raise UserError(f"recipe not found: {path}")
         try:
-            d = yaml.safe_load(path.read_text())
+            d = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a recipe (binary data, not UTF-8 YAML text)") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -114,6 +122,45 @@ class Recipe:
                         for k, v in s.items() if k != "output"} for s in d["stages"]]
         with atomic_path(path) as tmp:
             tmp.write_text(yaml.safe_dump({k: v for k, v in d.items() if v not in ({}, None)}, sort_keys=False))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML keeps the last: `{ratio: 0.3, ratio: 0.5}`
+    pruned at 0.5 without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                mark = key_node.start_mark
+                raise UserError(f"recipe: key {key!r} appears twice in one mapping (line {mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_top_types(d: dict) -> None:
+    """Each top-level value of the kind it must be (a wrong one failed later as an internal error)."""
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(d["model"], str):
+        raise UserError(f"recipe: model is a path to the model file, got {d['model']!r}")
+    if d.get("arch") is not None and not isinstance(d["arch"], str):
+        raise UserError(f"recipe: arch is a zoo name or package.module:factory, got {d['arch']!r}")
+    if "seed" in d and not whole(d["seed"]):
+        raise UserError(f"recipe: seed is a whole number, got {d['seed']!r}")
+    if not isinstance(d.get("trust_pickle", False), bool):
+        raise UserError(f"recipe: trust_pickle is true or false, got {d['trust_pickle']!r}")
+    shape = d.get("input_shape")
+    if shape is not None and not (isinstance(shape, list) and shape and all(whole(v) and v > 0 for v in shape)):
+        raise UserError(f"recipe: input_shape is a list of positive whole numbers (C, H, W), got {shape!r}")
+    if d.get("data") is not None and not isinstance(d["data"], dict):
+        raise UserError("recipe: data is a mapping of roles (train, calib, eval) to data specs, "
+                        f"e.g. {{calib: cifar10:calib.npz}}; got {d['data']!r}")
+    name = d.get("name")  # the default output folder is out/<name>: a path would write outside it
+    if name is not None and not (isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")):
+        raise UserError(f"recipe: name is a plain name (the default output folder is out/<name>), got {name!r}")
 
 
 def _rebase(p: str, base: Path) -> str:

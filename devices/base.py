@@ -1,6 +1,7 @@
 """Where a session runs. A Device measures an artifact with a runtime and returns a compress.profile/1 dict."""
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,6 +23,20 @@ class ProfileOptions:
     timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("threads", "warmup", "iterations", "batch", "seed"):  # a recipe's `iterations: ten`
+            value = getattr(self, name)
+            if not (whole(value) or (name == "threads" and value is None)):
+                raise UserError(f"profile options: {name} must be a whole number, got {value!r}")
+        for name in ("cpus", "shape"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (list, tuple)) and all(whole(v) for v in value)):
+                raise UserError(f"profile options: {name} must be a list of whole numbers, got {value!r}")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) \
+                or not math.isfinite(self.timeout_s):
+            raise UserError(f"profile options: timeout_s must be a number of seconds, got {self.timeout_s!r}")
         checks = [(self.threads is None or self.threads >= 1, "threads must be at least 1"),
                   (self.warmup >= 0, "warmup must be >= 0"), (self.iterations >= 1, "iterations must be >= 1"),
                   (self.batch >= 1, "batch must be >= 1"), (self.timeout_s > 0, "timeout_s must be > 0"),

@@ -165,3 +165,31 @@ def test_an_interrupted_run_records_its_files_so_the_next_run_replaces_them(tmp_
     Pipeline(_recipe(QUANTIZE, {"stage": "export", "formats": ["onnx"], "variants": ["quantized"]}),
              tmp_path / "out", replace_previous=True).run()
     assert not (tmp_path / "out" / "original.onnx").exists() and (tmp_path / "out" / "quantized.onnx").is_file()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("seed: abc", "seed is a whole number, got 'abc'"),  # each of these was an internal error
+    ("data: [1, 2]", "data is a mapping of roles"),
+    ("data: {train: 5}", "train is a data spec such as cifar10:PATH.npz, got 5"),
+    ("arch: 42", "arch is a zoo name or package.module:factory, got 42"),
+    ("name: ../../escaped", "name is a plain name"),  # out/../../escaped: written outside out/
+    ("input_shape: [3, 32]\narch: resnet20\narch: resnet32", "key 'arch' appears twice"),  # YAML kept the last
+    ("stages: [{stage: prune, method: l1, ratio: 0.3, ratio: 0.5}]", "key 'ratio' appears twice"),
+    ("stages: [{stage: export}, {stage: profile, iterations: ten}]", "iterations must be a whole number, got 'ten'"),
+])
+def test_recipe_values_of_the_wrong_kind_are_refused(tmp_path, text, words):
+    recipe = tmp_path / "r.yaml"
+    lines = {"model": f"model: {RESNET20}", "stages": "stages: [{stage: eval}]"}
+    head = "".join(f"{v}\n" for k, v in lines.items() if not text.startswith(k + ":"))
+    recipe.write_text(head + text + "\n")
+    proc = run_cli("run", recipe, "-o", tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert words in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_binary_file_as_the_recipe(tmp_path):
+    recipe = tmp_path / "model.yaml"
+    recipe.write_bytes(bytes(range(256)))
+    proc = run_cli("run", recipe)
+    assert proc.returncode == 2 and "not a recipe (binary data" in proc.stderr, proc.stderr
