@@ -44,7 +44,7 @@ def open(path: Path, threads: int | None) -> OpenVINOSession:  # noqa: A001 - th
     try:
         with native_stderr_dropped():  # the frontends that fail to read it first would print to the terminal
             model = core.read_model(str(path))
-        metadata = _metadata(model)
+        metadata = _metadata(model, path)
         compiled = core.compile_model(model, "CPU", config)
     except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError with multi-line C++ traces
         raise UserError(f"{path}: OpenVINO cannot load it ({first_line(e)})") from None
@@ -53,8 +53,17 @@ def open(path: Path, threads: int | None) -> OpenVINOSession:  # noqa: A001 - th
     return OpenVINOSession(compiled, path, threads, options, ov.__version__, metadata)
 
 
-def _metadata(model) -> dict:
-    """INPUT_METADATA_KEY from the IR's rt_info, where `compress export` writes it (rt_info path compress/input)."""
+def _metadata(model, path: Path) -> dict:
+    """INPUT_METADATA_KEY from the IR's rt_info, where `compress export` writes it (rt_info path compress/input);
+    for an .onnx file from its metadata_props, which OpenVINO's ONNX reader does not carry over."""
+    if Path(path).suffix.lower() == ".onnx":
+        try:
+            import onnx
+
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception:  # noqa: BLE001 - onnx not installed (a board), or a graph OpenVINO reads and onnx cannot
+            return {}
+        return {INPUT_METADATA_KEY: props[INPUT_METADATA_KEY]} if INPUT_METADATA_KEY in props else {}
     key = INPUT_METADATA_KEY.split(".")
     try:
         return {INPUT_METADATA_KEY: model.get_rt_info(key).astype(str)} if model.has_rt_info(key) else {}

@@ -72,6 +72,8 @@ def test_artifacts_record_normalization_and_eval_reads_it(state_dict, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".json") == []  # nothing beside it
         assert _top1(out) == RESNET20_TOP1, fmt
+        if fmt == "onnx":  # OpenVINO running the .onnx reads its metadata too (it used the default, with a warning)
+            assert _top1(out, "--runtime", "openvino") == RESNET20_TOP1
         # an explicit --mean/--std wins over what the artifact records
         assert _top1(out, "--mean", ",".join(map(str, CIFAR_MEAN)), "--std", ",".join(map(str, CIFAR_STD))) < RESNET20_TOP1 - 0.5
 
