@@ -267,6 +267,8 @@ def _compress_verb(family: str, verb_help: str):
         from compress.fileio import check_output_file
 
         out = Path(output) if output else Path(f"{model.stem}.{DEFAULT_NAMES[family]}.pt")
+        if out.exists() and model.exists() and out.resolve() == model.resolve():
+            raise UserError(f"-o {out} is the input model: write the {DEFAULT_NAMES[family]} copy under another name")
         for path in (out, save_recipe):  # a folder or an unwritable place fails now, not after the work
             if path is not None:
                 check_output_file(path, create_parent=False)
@@ -529,7 +531,7 @@ def synthesize(model: Path, samples: int, preset: str, iters: int | None, batch:
     Writes an .npz with `x` (uint8 NHWC, de-normalized and clipped: any data loader reads it) and
     `x_normalized` (float32 NCHW in the model's normalized input space: lossless; `--method genie` prefers it).
     """
-    from compress.fileio import ensure_writable_dir
+    from compress.fileio import check_output_file
     from compress.quantize.genie import PRESETS
     from compress.quantize.genie_data import SynthesisConfig, save_npz
     from compress.quantize.genie_data import synthesize as run_synthesis
@@ -541,7 +543,7 @@ def synthesize(model: Path, samples: int, preset: str, iters: int | None, batch:
     if out.suffix != ".npz":
         raise UserError(f"-o {out}: synthetic data is written as .npz")
     device = resolve_torch_device(torch_device)
-    ensure_writable_dir(out.parent if str(out.parent) else Path("."))
+    check_output_file(out, create_parent=False)  # a new folder is made when the images are written, not before
     lm = _recipe_load(model, kw)
     lm.require_compressible("synthesize")
     p = PRESETS[preset]

@@ -327,6 +327,12 @@ class Pipeline:
         r = self.recipe
         lm = load_model(r.model, arch=r.arch, trust_pickle=r.trust_pickle,
                         input_shape=tuple(r.input_shape) if r.input_shape else None, normalization=r.mean_std)
+        compressing = [s["stage"] for s in r.stages if s["stage"] in ("prune", "quantize", "lowrank")]
+        if compressing and lm.arch is None:  # found out when saving, after the work, before
+            what = {"pickle": "a pickled module", "export": "a torch.export program",
+                    "torchscript": "a TorchScript archive"}.get(lm.kind, "a model")
+            raise UserError(f"{compressing[0]}: {r.model} is {what} with no known architecture, and a compressed "
+                            f"model is saved as architecture + edits + weights: load its state dict with --arch")
         torch.manual_seed(r.seed)
         self.ctx = Context(spec=lm.spec, data={k: v for k, v in r.data.items() if k != "eval"}, seed=r.seed,
                            out_dir=self.out_dir)

@@ -366,3 +366,26 @@ def test_saved_model_with_another_arch(tmp_path):
     assert run_cli("prune", RESNET20, "--arch", "resnet20", "-m", "l1", "--ratio", "0.3", "-o", tmp_path / "p.pt").returncode == 0
     assert_user_error(run_cli("info", tmp_path / "p.pt", "--arch", "resnet32"), "is a saved resnet20 model; --arch resnet32")
     assert run_cli("info", tmp_path / "p.pt", "--arch", "resnet20").returncode == 0
+
+
+def test_what_cannot_be_saved_is_refused_before_the_work(tmp_path):
+    import torch
+
+    from compress.zoo.resnet_cifar import resnet20
+
+    whole = tmp_path / "whole.pt"
+    torch.save(resnet20(), whole)  # a pickled module: it loads with --trust-pickle, but has no architecture to save
+    r = run_cli("prune", whole, "--trust-pickle", "-m", "l1", "--ratio", "0.3", "-o", tmp_path / "p.pt")
+    assert_user_error(r, "prune: ", "is a pickled module with no known architecture")
+    assert "pruned l1" not in r.stderr  # refused before pruning, not after
+    saved = tmp_path / "saved.pt"
+    assert run_cli("prune", RESNET20, "--arch", "resnet20", "-m", "l1", "--ratio", "0.3", "-o", saved).returncode == 0
+    before = saved.read_bytes()
+    assert_user_error(run_cli("prune", saved, "-m", "l1", "--ratio", "0.3", "-o", saved), "is the input model")
+    assert saved.read_bytes() == before
+
+
+def test_synthesize_makes_no_folder_before_it_has_images(tmp_path):
+    r = run_cli("synthesize", RESNET20, "--arch", "resnet32", "-n", "4", "-o", tmp_path / "new" / "s.npz")
+    assert_user_error(r, "does not match --arch resnet32")
+    assert not (tmp_path / "new").exists()  # an empty folder was left behind
