@@ -621,12 +621,25 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - a bug of ours: one line unless debugging
-        if os.environ.get("COMPRESS_DEBUG"):
-            raise
-        click.echo(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                   f"(set COMPRESS_DEBUG=1 for the traceback)", err=True)
+    except OSError as e:
+        import errno
+
+        if os.environ.get("COMPRESS_DEBUG") or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            _internal_error(e)
+        click.echo(f"error: no space left on the device{f' writing {e.filename}' if e.filename else ''}: "
+                   f"free some, or write elsewhere with -o", err=True)
         sys.exit(2)
+    except Exception as e:  # noqa: BLE001
+        _internal_error(e)
+
+
+def _internal_error(e: Exception) -> None:
+    """A bug of ours: one line, unless COMPRESS_DEBUG asks for the traceback."""
+    if os.environ.get("COMPRESS_DEBUG"):
+        raise e
+    click.echo(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+               f"(set COMPRESS_DEBUG=1 for the traceback)", err=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -389,3 +389,21 @@ def test_synthesize_makes_no_folder_before_it_has_images(tmp_path):
     r = run_cli("synthesize", RESNET20, "--arch", "resnet32", "-n", "4", "-o", tmp_path / "new" / "s.npz")
     assert_user_error(r, "does not match --arch resnet32")
     assert not (tmp_path / "new").exists()  # an empty folder was left behind
+
+
+def test_a_full_disk_is_a_one_line_error(monkeypatch, capsys):
+    import errno
+    import signal
+
+    from compress import cli as cli_module
+
+    def full(**_):
+        raise OSError(errno.ENOSPC, "No space left on device", "out/m.onnx")
+
+    monkeypatch.setattr(cli_module.cli, "main", full)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # main() installs a SIGTERM handler
+    with pytest.raises(SystemExit) as e:
+        cli_module.main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: no space left on the device writing out/m.onnx: free some, "
+                                               "or write elsewhere with -o")
