@@ -131,13 +131,15 @@ def build_profile(*, artifact: dict, runtime: dict, settings: dict, load_ms: flo
         notes.append(f"p99 from {stats['n']} samples is an interpolation near the max; use >= 100 iterations")
     if stats["ci95_p50"] is None:
         notes.append("fewer than 6 samples: no 95% CI of the median")
+    environment = environment if environment is not None else host_environment()
+    notes += _busy_note(environment, runtime.get("threads"))
     profile = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "target": target,
         "artifact": artifact,
         "runtime": runtime,
-        "environment": environment if environment is not None else host_environment(),
+        "environment": environment,
         "settings": settings,
         "load_ms": None if load_ms is None else float(load_ms),  # None: not measured (a prediction)
         "first_inference_ms": float(first_inference_ms),
@@ -149,6 +151,17 @@ def build_profile(*, artifact: dict, runtime: dict, settings: dict, load_ms: flo
         "notes": notes,
     }
     return validate_profile(profile)
+
+
+def _busy_note(environment: dict, threads: int | None) -> list[str]:
+    """More runnable work than CPUs while the runtime ran a thread per CPU: its threads wait on each other (a torch
+    .pt2 measured 3 ms alone and 500 ms so on a loaded 2-CPU host)."""
+    load, cores = environment.get("load_avg_1m"), environment.get("cores_logical")
+    if load is None or not cores or load <= cores or (threads is not None and threads < cores) or "gpu" in environment:
+        return []
+    used = "its default thread count" if threads is None else f"{threads} threads"
+    return [f"the machine was busy (load average {load:.1f} on {cores} CPUs) while the runtime used {used}: threads "
+            f"that wait on each other can make latency many times the idle one; --threads 1 measures steadier"]
 
 
 # ---- validation: a hand-written spec (no jsonschema dependency on boards) -------------------------------------

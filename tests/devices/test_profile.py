@@ -89,6 +89,20 @@ def test_build_save_load_roundtrip(tmp_path):
     assert load_profile(tmp_path / "p.json") == p
 
 
+@pytest.mark.parametrize("load, threads, busy", [(3.1, None, True), (3.1, 2, True), (3.1, 1, False), (1.5, None, False)])
+def test_a_busy_machine_with_a_thread_per_cpu_is_noted(load, threads, busy):
+    """torch with its default threads measured 500 ms instead of 3 ms on a loaded 2-CPU host: the profile says so."""
+    env = {"hostname": "h", "os": "Linux", "cpu": "x", "cores_logical": 2, "python": "3.11", "load_avg_1m": load}
+    p = build_profile(
+        artifact={"path": "m.pt2", "size_bytes": 10, "sha256": "0" * 64, "files": []},
+        runtime={"name": "torch", "version": "2", "threads": threads, "options": {}},
+        settings={"warmup": 1, "iterations": 100, "batch": 1, "seed": 0, "input": {}},
+        load_ms=5.0, first_inference_ms=2.0, samples_ms=[1.0] * 100, environment=env,
+        memory={"rss_before_load_bytes": 100, "peak_rss_bytes": 150, "model_peak_bytes": 50, "method": "test",
+                "isolated_process": True})
+    assert any("--threads 1 measures steadier" in n for n in p["notes"]) == busy, p["notes"]
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p.update(schema="compress.profile/2"), "this version reads"),
     (lambda p: p.pop("memory"), "missing memory"),
