@@ -12,6 +12,12 @@ from typing import Iterator
 from compress.errors import UserError
 
 
+def cache_dir() -> Path:
+    """Where measurements worth keeping between runs live (latency tables, estimate:host's fit): $COMPRESS_CACHE,
+    else ~/.cache/compress."""
+    return Path(os.environ.get("COMPRESS_CACHE") or Path("~/.cache/compress").expanduser())
+
+
 def ensure_writable_dir(path: Path) -> Path:
     path = Path(path)
     try:

@@ -427,7 +427,8 @@ class Pipeline:
                                 f"quantize")
         if hasattr(cfg, "check_model"):  # options that only make sense for some models: refuse before any work
             cfg.check_model(src.lm)
-        log(f"[bold]{stage['stage']}[/] {method.name} on {src.name}")
+        source = f" ({Path(src.lm.source).name})" if src.name == "original" and src.lm.source else ""
+        log(f"[bold]{stage['stage']}[/] {method.name} on {src.name}{source}")
         lm = method.apply(_clone(src.lm), cfg, self.ctx)
         name = unique_name(stage.get("name") or DEFAULT_NAMES[stage["stage"]], self.result.variants)
         variant = Variant(name, lm, self._model_metrics(lm, name))

@@ -25,7 +25,7 @@ kernel_us = roofline_us / efficiency + overhead over all executed nodes (a class
 the catalog's efficiency and gets its overhead fitted); then the end-to-end residual (latency - predicted
 kernel sum) as s0 + s1 x nodes, signed: ORT's profiler adds its own cost to every kernel it times, the
 end-to-end latency (profiler off) does not. The fit is saved as JSON (default
-~/.cache/edge-compress/estimate-host.json) and used by estimate:host; classes the calibration models lack keep
+~/.cache/compress/estimate-host.json, or $COMPRESS_CACHE) and used by estimate:host; classes the calibration models lack keep
 the catalog defaults. benchmarks/estimate.py reports the error leave-one-model-out.
 
 The profile has the compress.profile/1 shape with target "estimate:NAME": one "sample" (the prediction), notes
@@ -43,12 +43,13 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 from compress.errors import UserError, first_line
+from compress.fileio import cache_dir
 from devices.base import Device, ProfileOptions
 
 CATALOG = Path(__file__).with_name("catalog.yaml")
 CLASSES = ("conv", "conv_dw", "gemm", "elementwise", "pool", "memory", "meta")
 FIT_SCHEMA = "compress.estimate-fit/1"
-DEFAULT_FIT = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "edge-compress" / "estimate-host.json"
+DEFAULT_FIT = cache_dir() / "estimate-host.json"
 
 _CONV = {"Conv", "FusedConv", "ConvTranspose", "QLinearConv", "ConvInteger", "NhwcFusedConv"}
 _GEMM = {"Gemm", "MatMul", "FusedGemm", "FusedMatMul", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
@@ -557,11 +558,19 @@ def calibrate(models: list[str | Path], threads: int = 1, out: str | Path | None
     measurements = [measure_for_calibration(m, threads, runs, iterations, cpus) for m in models]
     bw, cache_bw = measure_bandwidth_gbs(), measure_cache_bandwidth_gbs(entry.cache_bytes)
     params = fit(measurements, entry, bw, cache_bw)
+    in_sample = []  # a fit that cannot reproduce its own models (FP32 and INT8 mixed, too few) must say so
+    for m in measurements:
+        graph = _graph_from(m)
+        graph.weights_bytes = m["working_set_bytes"]
+        predicted = predict(graph, entry, params, threads)["latency_ms"]
+        in_sample.append({"model": m["model"], "measured_ms": m["e2e_ms"], "predicted_ms": round(predicted, 4),
+                          "error": round(predicted / m["e2e_ms"] - 1.0, 4)})
     doc = {"schema": FIT_SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "entry": entry.summary(), "threads": threads, "bandwidth_gbs_measured": bw,
            "cache_bandwidth_gbs_measured": cache_bw,
            "params": params.__dict__ | {"calibrated_classes": list(params.calibrated_classes)},
-           "models": [{"model": m["model"], "e2e_ms": m["e2e_ms"]} for m in measurements],
+           "models": [{"model": m["model"], "e2e_ms": m["e2e_ms"]} for m in measurements], "in_sample": in_sample,
+           "warnings": fit_warnings(in_sample),
            "environment": measurements[0]["environment"] if measurements else None}
     if out:
         out = Path(out)
@@ -570,6 +579,21 @@ def calibrate(models: list[str | Path], threads: int = 1, out: str | Path | None
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, out)
     return doc
+
+
+def fit_warnings(in_sample: list[dict], bound: float = 0.25) -> list[str]:
+    """What a user must know before trusting a fit: too few models, or models it does not reproduce."""
+    out = []
+    if len(in_sample) < 3:
+        out.append(f"{len(in_sample)} calibration model(s): the per-model session overhead is fitted from 3 or more "
+                   f"(with fewer it is their mean); calibrate on 3-5 FP32 models like the ones you will predict")
+    bad = [r for r in in_sample if abs(r["error"]) > bound]
+    if bad:
+        out.append("the fit misses its own calibration models by more than "
+                   f"{bound:.0%}: " + ", ".join(f"{Path(r['model']).name} {r['error']:+.0%}" for r in bad)
+                   + "; predictions from it are not to be trusted (INT8 and FP32 kernels share a class "
+                     "efficiency: calibrate on models of one precision)")
+    return out
 
 
 def load_fit(path: str | Path) -> Params:
@@ -710,8 +734,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "calibrate":
             doc = calibrate(args.models, args.threads, args.out)
-            print(json.dumps({k: doc[k] for k in ("threads", "bandwidth_gbs_measured", "params", "models")}, indent=1))
+            print(json.dumps({k: doc[k] for k in ("threads", "bandwidth_gbs_measured", "params", "in_sample")},
+                             indent=1))
             print(f"saved {args.out}")
+            for w in doc["warnings"]:
+                print(f"warning: {w}", file=__import__("sys").stderr)
         else:
             print(json.dumps([e.summary() for e in load_catalog().values()], indent=1))
     except UserError as e:

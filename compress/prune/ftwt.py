@@ -65,8 +65,9 @@ from compress.structure import EDITS
 
 R_GRID = (1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.88, 0.85, 0.82, 0.8, 0.75, 0.7, 0.6, 0.5)
 NO_SPEEDUP = ("ftwt: per-input (dynamic) channel sparsity gives no speed-up on dense runtimes such as ONNX Runtime "
-              "or TensorRT (they compute every channel and multiply by the mask); the saved model is the static "
-              "network derived from firing frequencies")
+              "or TensorRT (they compute every channel and multiply by the mask); ")
+SAVED_FORM = {False: "the saved model is the static network derived from firing frequencies",
+              True: "--masked-dense: the saved model is that dense network with its predictors and masks"}
 
 
 @dataclass
@@ -302,7 +303,7 @@ class FTWT(TargetedPruneMethod):
     uniform: ClassVar[bool] = False
 
     def score(self, model: nn.Module, cfg: FTWTConfig, ctx: Context, info: dict) -> dict[str, torch.Tensor]:
-        log(NO_SPEEDUP)
+        log(NO_SPEEDUP + SAVED_FORM[bool(cfg.masked_dense)])
         example = ctx.spec.example(1, ctx.seed)
         dense_flops = count_flops(model, ctx.spec.shape)
         teacher = copy.deepcopy(model).eval() if cfg.distill else None

@@ -42,7 +42,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import tempfile
 import time
 import warnings
@@ -57,6 +56,7 @@ import torch.nn as nn
 
 from compress.errors import UserError
 from compress.exportable import exportable
+from compress.fileio import cache_dir
 from compress.finetune import FeatureDistill, feature_points, finetune, recalibrate_bn
 from compress.io import InputSpec, LoadedModel
 from compress.metrics import count_flops, count_params
@@ -458,11 +458,6 @@ def snap_to_grid(wm: WidthModel, importance: Mapping[str, torch.Tensor], keep: M
 
 # ---- latency table ----------------------------------------------------------------------------------------
 
-def _cache_dir() -> Path:
-    root = os.environ.get("COMPRESS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "compress")
-    return Path(root)
-
-
 def time_session(session, x: np.ndarray, min_iters: int = 30, min_seconds: float = 0.15, warmup: int = 5) -> float:
     """Median wall time of session.run(x) in ms."""
     for _ in range(warmup):
@@ -511,7 +506,7 @@ class LatencyTable:
         self.threads, self.step = threads, step
         self.prefix = f"onnxruntime-{onnxruntime.__version__}|threads={threads}|{cpu_model()}"
         digest = hashlib.sha1(self.prefix.encode()).hexdigest()[:10]
-        self.path = path or _cache_dir() / f"latency-table-v2-{digest}.json"
+        self.path = path or cache_dir() / f"latency-table-v2-{digest}.json"
         self.entries: dict[str, float] = {}
         if self.path.is_file():
             try:

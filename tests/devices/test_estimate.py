@@ -11,8 +11,8 @@ import pytest
 
 from compress.errors import UserError
 from devices import get_device, profile_artifact
-from devices.estimate import (CLASSES, EstimateDevice, analyze, calibrate, default_params, load_catalog, load_fit,
-                              op_class, predict, roofline_us)
+from devices.estimate import (CLASSES, EstimateDevice, analyze, calibrate, default_params, fit_warnings, load_catalog,
+                              load_fit, op_class, predict, roofline_us)
 from devices.profile import validate_profile
 
 REQUIRED = ("rpi5", "jetson-orin-nano-cpu", "jetson-orin-nano-gpu", "snapdragon-8-gen3-cpu", "laptop-x86", "host")
@@ -134,6 +134,19 @@ def test_calibration_on_this_machine(resnet20_artifacts, tmp_path):
     assert "calibrated" in p["runtime"]["options"]["params"]
     measured = doc["models"][0]["e2e_ms"]
     assert 0.5 < p["latency_ms"]["p50"] / measured < 2.0  # in-sample: the fit reproduces its own model
+    # the saved fit reports that check itself, and says one model is too few to trust
+    (row,) = doc["in_sample"]
+    assert row["predicted_ms"] / row["measured_ms"] - 1 == pytest.approx(row["error"], abs=1e-3)
+    assert any("1 calibration model(s)" in w for w in doc["warnings"])
+
+
+def test_fit_warnings_name_the_models_a_fit_misses():
+    """FP32 + INT8 ResNet-20 fitted together: -28% / +65% on their own measurements, and nothing said so."""
+    rows = [{"model": f"m{i}.onnx", "measured_ms": 1.0, "predicted_ms": 1.0 + e, "error": e}
+            for i, e in enumerate((-0.28, 0.65, 0.1))]
+    (warning,) = fit_warnings(rows)
+    assert "m0.onnx -28%, m1.onnx +65%" in warning and "m2" not in warning
+    assert fit_warnings(rows[2:] * 3) == []
 
 
 def test_default_params_and_uncalibrated_host(resnet20_artifacts):
