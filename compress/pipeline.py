@@ -425,6 +425,10 @@ class Pipeline:
             if precision != "fp32":  # the fake-quant wrappers would be dropped or break shapes
                 raise UserError(f"{src.lm.source} is quantized ({precision}): {stage['stage']} the float model, then "
                                 f"quantize")
+        done = [h for h in src.lm.history if h.get("stage") == "lowrank"]
+        if stage["stage"] == "lowrank" and done:  # it would split each factor pair again: more layers, no gain
+            raise UserError(f"{src.lm.source} is already factorized (lowrank {done[-1].get('method')}): lowrank the "
+                            f"model it came from, with another rank rule")
         if hasattr(cfg, "check_model"):  # options that only make sense for some models: refuse before any work
             cfg.check_model(src.lm)
         source = f" ({Path(src.lm.source).name})" if src.name == "original" and src.lm.source else ""

@@ -166,9 +166,20 @@ def _skip_reason(info: LayerInfo, skip_first_last: bool, exclude: list[str]) -> 
     return ""
 
 
+def _patterns(exclude: str, infos: list[LayerInfo]) -> list[str]:
+    """The --exclude globs; one that matches no layer is a typo, not a no-op."""
+    patterns = [p.strip() for p in exclude.split(",") if p.strip()]
+    names = [i.name for i in infos if isinstance(i.module, FACTORIZABLE)]
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise UserError(f"option exclude: {pat!r} matches no Linear or Conv2d layer (they are named like {shown})")
+    return patterns
+
+
 def candidates(infos: list[LayerInfo], skip_first_last: bool = True, exclude: str = "") -> list[LayerInfo]:
     """The layers a plan may factorize (before any rank rule): what needs a Fisher pass."""
-    patterns = [p.strip() for p in exclude.split(",") if p.strip()]
+    patterns = _patterns(exclude, infos)
     return [i for i in infos if not _skip_reason(i, skip_first_last, patterns)]
 
 
@@ -200,7 +211,7 @@ def make_plan(infos: list[LayerInfo], rule: str, *, ratio: float = 0.33, energy:
 
     if rule == "latency" and latency is None:
         raise UserError("rank_rule latency needs the measured latency table (latency_aware)")
-    patterns = [p.strip() for p in exclude.split(",") if p.strip()]
+    patterns = _patterns(exclude, infos)
     if rule == "latency" and any(isinstance(i.module, nn.Linear) and not _skip_reason(i, skip_first_last, patterns)
                                  for i in infos):
         raise UserError("rank_rule latency prices convolutions only: leave the Linear layers out (--exclude)")

@@ -237,6 +237,14 @@ def test_what_a_quantized_model_cannot_go_through(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.manifest.json", "q.pt"]
 
 
+def test_a_factorized_model_is_not_factorized_again(tmp_path):
+    lr = tmp_path / "lr.pt"  # it split every factor pair again (36 layers) without a word
+    assert run_cli("lowrank", RESNET20, "--arch", "resnet20", "-m", "svd", "--ratio", "0.5", "-o", lr).returncode == 0
+    assert_user_error(run_cli("lowrank", lr, "-m", "svd", "--ratio", "0.5", "-o", tmp_path / "again.pt"),
+                      "is already factorized (lowrank svd)")
+    assert not (tmp_path / "again.pt").exists()
+
+
 def test_recipe_order_and_stage_names_are_checked_before_any_work(tmp_path):
     base = f"model: {RESNET20}\narch: resnet20\ndata: {{calib: cifar10:{TEST_LOSSLESS}}}\n"
     (tmp_path / "order.yaml").write_text(base + "stages:\n  - {stage: quantize, method: minmax}\n"

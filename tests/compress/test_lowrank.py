@@ -210,6 +210,8 @@ def test_plan_rules_skips_and_break_even():
     ex = _plan(model, "ratio", ratio=0.5, exclude="layer1.*", skip_first_last=False)
     assert by["layer1.0.conv1"].factorized and not {p.name: p for p in ex.layers}["layer1.0.conv1"].factorized
     assert {p.name: p for p in ex.layers}["conv1"].factorized
+    with pytest.raises(UserError, match="'layr1.*' matches no Linear or Conv2d layer"):  # a typo was a silent no-op
+        _plan(model, "ratio", ratio=0.5, exclude="layer2.*,layr1.*")
     # energy: the smallest rank keeping that much of Σσ²
     en = _plan(model, "energy", energy=0.6)
     for p in en.factorized():
