@@ -1,8 +1,9 @@
-"""Progress bars (rich) for anything that takes over a second; silent when asked or when not a terminal."""
+"""Progress bars (rich) for anything that takes over a second; silent when asked, a line every 30 s when piped."""
 from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator, TypeVar
 
@@ -30,12 +31,26 @@ def enabled() -> bool:
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    if not enabled():
+    if _quiet or os.environ.get("COMPRESS_NO_PROGRESS"):
         yield from items
+        return
+    if not sys.stderr.isatty():
+        yield from _plain(items, description, total)
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as bar:
         yield from bar.track(items, total=total, description=description)
+
+
+def _plain(items: Iterable[T], description: str, total: int | None, every_s: float = 30.0) -> Iterator[T]:
+    """Piped (a CI log): a plain line every 30 s instead of a bar, so a long step shows it is alive and how far."""
+    start = last = time.monotonic()
+    for n, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            console.print(f"{description}: {n}{f'/{total}' if total else ''} ({now - start:.0f} s)", highlight=False)
 
 
 @contextmanager
