@@ -69,6 +69,23 @@ def check_source(spec: str) -> None:
         _check_exists(kind, where)
 
 
+def has_labels(spec: str) -> bool | None:
+    """Whether a data spec carries labels, without reading its images (None: cannot tell, e.g. a missing file)."""
+    try:
+        kind, where = _resolve(spec)
+    except UserError:
+        return None
+    if kind == "random":
+        return False
+    if kind == "folder":
+        return True
+    try:
+        with np.load(where, allow_pickle=False) as z:  # reads the archive's index only
+            return "y" in z.files
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+
+
 def _check_exists(kind: str, where: Path) -> None:
     """A data file (npz) or folder that is there and of the right kind; else what it is instead."""
     if kind == "npz" and not where.is_file():

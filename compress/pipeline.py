@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from compress import __version__
-from compress.data import Dataset, load_dataset
+from compress.data import Dataset, has_labels, load_dataset
 from compress.errors import GateFailed, UserError
 from compress.fileio import atomic_path, ensure_writable_dir, sha256_file
 from compress.io import LoadedModel, load_model, save_model
@@ -229,6 +229,10 @@ class Pipeline:
                 if getattr(cfg, "finetune_epochs", 0) and not self.recipe.data.get("train"):
                     raise UserError(f"stage {s['stage']}: finetune_epochs {cfg.finetune_epochs} needs train data: pass "
                                     f"--data (or `data: {{train: ...}}` in the recipe)")
+                if getattr(cfg, "finetune_epochs", 0) and getattr(cfg, "distill", True) is False \
+                        and has_labels(self.recipe.data["train"]) is False:  # found out after pruning, before
+                    raise UserError(f"fine-tuning on {self.recipe.data['train']} needs labels ('y') or distillation "
+                                    f"from the original model (the default; it was turned off)")
                 names.append(unique_name(name or DEFAULT_NAMES[s["stage"]], names))
                 written[f"{names[-1]}.pt"] = f"the {names[-1]} model"
             elif s["stage"] == "export":

@@ -237,6 +237,13 @@ def test_what_a_quantized_model_cannot_go_through(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.manifest.json", "q.pt"]
 
 
+def test_fine_tuning_without_labels_or_distillation_is_refused_before_pruning(tmp_path):
+    r = run_cli("prune", RESNET20, "--arch", "resnet20", "-m", "l1", "--ratio", "0.3", "--no-distill",
+                "--finetune-epochs", "1", "--data", "random:16", "-o", tmp_path / "p.pt")
+    assert_user_error(r, "needs labels ('y') or distillation")
+    assert "pruned l1" not in r.stderr  # it was found out after pruning
+
+
 def test_a_factorized_model_is_not_factorized_again(tmp_path):
     lr = tmp_path / "lr.pt"  # it split every factor pair again (36 layers) without a word
     assert run_cli("lowrank", RESNET20, "--arch", "resnet20", "-m", "svd", "--ratio", "0.5", "-o", lr).returncode == 0
