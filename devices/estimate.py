@@ -43,13 +43,13 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 from compress.errors import UserError, first_line
-from compress.fileio import cache_dir
 from devices.base import Device, ProfileOptions
 
 CATALOG = Path(__file__).with_name("catalog.yaml")
 CLASSES = ("conv", "conv_dw", "gemm", "elementwise", "pool", "memory", "meta")
 FIT_SCHEMA = "compress.estimate-fit/1"
-DEFAULT_FIT = cache_dir() / "estimate-host.json"
+# compress.fileio.cache_dir's folder, spelled out: a board runs devices/ with compress.errors and .registry only
+DEFAULT_FIT = Path(os.environ.get("COMPRESS_CACHE") or Path("~/.cache/compress").expanduser()) / "estimate-host.json"
 
 _CONV = {"Conv", "FusedConv", "ConvTranspose", "QLinearConv", "ConvInteger", "NhwcFusedConv"}
 _GEMM = {"Gemm", "MatMul", "FusedGemm", "FusedMatMul", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",

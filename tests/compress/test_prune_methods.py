@@ -233,7 +233,7 @@ def test_ftwt_static_default_and_masked_dense_reload(tmp_path):
                                     "masked_dense": dense})
         out = method.apply(lm, cfg, ctx)
         path = save_model(out, tmp_path / f"ftwt{int(dense)}.pt")
-        back = load_model(path)
+        back = load_model(path, arch="tests.compress.test_prune_methods:_tiny_arch")  # a custom arch is named
         x = torch.randn(2, 3, 16, 16)
         with torch.no_grad():
             assert torch.allclose(back.model(x), out.model.eval()(x), atol=1e-5)
@@ -243,8 +243,8 @@ def test_ftwt_static_default_and_masked_dense_reload(tmp_path):
     assert any(e["kind"] == "ftwt" for e in outs[True].edits)
     # `compress export` says which form it exports and repeats the firing histogram (issue 3's deployment contract)
     for dense, form in ((False, "static model"), (True, "masked-dense graph")):
-        r = run_cli("export", tmp_path / f"ftwt{int(dense)}.pt", "-o", tmp_path / f"art{int(dense)}", "--json",
-                    cwd=Path(__file__).resolve().parents[2])
+        r = run_cli("export", tmp_path / f"ftwt{int(dense)}.pt", "--arch", "tests.compress.test_prune_methods:_tiny_arch",
+                    "-o", tmp_path / f"art{int(dense)}", "--json", cwd=Path(__file__).resolve().parents[2])
         assert r.returncode == 0, r.stderr
         art = json.loads(r.stdout)["artifacts"][0]
         assert art["path"].endswith(f"art{int(dense)}.onnx")  # the suffix profile and eval tell the format by
