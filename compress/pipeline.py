@@ -94,7 +94,8 @@ EXPORT_KEYS = ("stage", "formats", "format", "precision", "batch", "variants", "
 def _check_keys(stage: dict, known: tuple[str, ...]) -> None:
     unknown = sorted(set(stage) - set(known))
     if unknown:
-        raise UserError(f"{stage['stage']} stage: unknown key(s) {', '.join(unknown)} (it takes {', '.join(known[1:])})")
+        takes = f"it takes {', '.join(known[1:])}" if known[1:] else "it takes no other key"
+        raise UserError(f"{stage['stage']} stage: unknown key(s) {', '.join(unknown)} ({takes})")
 
 
 def _export_formats(stage: dict) -> list[str]:
@@ -276,8 +277,11 @@ class Pipeline:
                     raise UserError(FP16_REFUSAL)
                 if s.get("batch") is not None:
                     _check_positive_int(s["batch"], "export: batch", " (a fixed batch size)")
-            elif s["stage"] == "eval" and not self.recipe.data.get("eval"):
-                raise UserError("eval stage: no eval data (data: eval: [cifar10:test.npz] in the recipe, or --eval-data)")
+            elif s["stage"] == "eval":
+                _check_keys(s, ("stage",))  # `{stage: eval, method: foo}` was silently the plain eval
+                if not self.recipe.data.get("eval"):
+                    raise UserError("eval stage: no eval data (data: eval: [cifar10:test.npz] in the recipe, or "
+                                    "--eval-data)")
             elif s["stage"] == "profile":
                 from compress import gates
                 from devices import ProfileOptions, device_kind, get_device, split_options

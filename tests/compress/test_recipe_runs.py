@@ -176,6 +176,7 @@ def test_an_interrupted_run_records_its_files_so_the_next_run_replaces_them(tmp_
     ("input_shape: [3, 32]\narch: resnet20\narch: resnet32", "key 'arch' appears twice"),  # YAML kept the last
     ("stages: [{stage: prune, method: l1, ratio: 0.3, ratio: 0.5}]", "key 'ratio' appears twice"),
     ("stages: [{stage: export}, {stage: profile, iterations: ten}]", "iterations must be a whole number, got 'ten'"),
+    ("stages: [{stage: eval, method: l1}]", "eval stage: unknown key(s) method (it takes no other key)"),
 ])
 def test_recipe_values_of_the_wrong_kind_are_refused(tmp_path, text, words):
     recipe = tmp_path / "r.yaml"
