@@ -227,6 +227,11 @@ class Pipeline:
                     raise UserError(f"stage {s['stage']}: needs `method:` (one of {', '.join(fams[s['stage']].names())})")
                 method = fams[s["stage"]].get(s["method"])
                 cfg = build_config(method, {k: v for k, v in s.items() if k not in STAGE_KEYS})
+                for role in method.needs_data:  # found out after loading the model (and the stages before), before
+                    if not (self.recipe.data.get(role) or (role == "calib" and self.recipe.data.get("train"))):
+                        flag = "--calib (or --data)" if role == "calib" else "--data"
+                        raise UserError(f"stage {s['stage']}: {method.name} needs {role} data: pass {flag} (or "
+                                        f"`data: {{{role}: ...}}` in the recipe)")
                 if getattr(cfg, "finetune_epochs", 0) and not self.recipe.data.get("train"):
                     raise UserError(f"stage {s['stage']}: finetune_epochs {cfg.finetune_epochs} needs train data: pass "
                                     f"--data (or `data: {{train: ...}}` in the recipe)")

@@ -66,6 +66,7 @@ class Method:
     family: ClassVar[str]
     Config: ClassVar[type] = MethodConfig
     summary: ClassVar[str] = ""
+    needs_data: ClassVar[tuple[str, ...]] = ()  # data roles it cannot run without: checked before any stage runs
 
     def apply(self, lm: LoadedModel, cfg: Any, ctx: Context) -> LoadedModel:
         raise NotImplementedError

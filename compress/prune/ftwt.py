@@ -297,6 +297,7 @@ def dynamic_flops(model: nn.Module, x: torch.Tensor, layers: list[dict], counter
 
 class FTWT(TargetedPruneMethod):
     name = "ftwt"
+    needs_data = ("train",)
     summary = ("Fire Together Wire Together: per-input mask predictors trained on top-k heat-map targets; "
                "deployed as a static model from firing frequencies (Elkerdawy et al. 2022)")
     Config: ClassVar[type] = FTWTConfig

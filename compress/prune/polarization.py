@@ -219,6 +219,7 @@ def soft_flops_fraction(wm: WidthModel, widths: dict[str, torch.Tensor]) -> torc
 
 class Polarization(TargetedPruneMethod):
     name = "polarization"
+    needs_data = ("train",)
     summary = ("consensus sub-network: binary STE gates + polarizing loss trained in one pass, extracted as a "
                "smaller static network (Zhi et al. 2023, reconstructed)")
     Config: ClassVar[type] = PolarizationConfig

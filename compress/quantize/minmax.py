@@ -45,6 +45,7 @@ class MinMaxConfig(MethodConfig):
 
 class MinMax(Method):
     name = "minmax"
+    needs_data = ("calib",)
     family = "quantize"
     Config = MinMaxConfig
     summary = "post-training quantization: BN folding, min-max weights, calibrated (min-max/percentile) activations"

@@ -180,6 +180,7 @@ def map_into(gm: nn.Module, qmodel: nn.Module, probe: torch.Tensor) -> dict:
 
 class NNCFPTQ(Method):
     name = "nncf"
+    needs_data = ("calib",)
     family = "quantize"
     Config = NNCFConfig
     summary = "NNCF post-training quantization (W8A8), mapped into the shared fake-quant modules (peer baseline)"

@@ -244,6 +244,16 @@ def test_fine_tuning_without_labels_or_distillation_is_refused_before_pruning(tm
     assert "pruned l1" not in r.stderr  # it was found out after pruning
 
 
+@pytest.mark.parametrize("verb, method, role", [("quantize", "minmax", "calib"),
+                                                 ("prune", "polarization, flops_target: 0.5", "train")])
+def test_a_method_without_the_data_it_needs_is_refused_before_any_stage(tmp_path, verb, method, role):
+    recipe = tmp_path / "r.yaml"  # the prune stage before it used to run first
+    recipe.write_text(f"model: {RESNET20}\narch: resnet20\nstages:\n  - {{stage: prune, method: l1, ratio: 0.3}}\n"
+                      f"  - {{stage: {verb}, method: {method}}}\n")
+    assert_user_error(run_cli("run", recipe, "-o", tmp_path / "out"), f"{method.split(',')[0]} needs {role} data")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_factorized_model_is_not_factorized_again(tmp_path):
     lr = tmp_path / "lr.pt"  # it split every factor pair again (36 layers) without a word
     assert run_cli("lowrank", RESNET20, "--arch", "resnet20", "-m", "svd", "--ratio", "0.5", "-o", lr).returncode == 0
