@@ -39,6 +39,9 @@ def check_output_file(path: Path, create_parent: bool = True) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give a file name")
+    if path.exists() and not path.is_file():  # renaming the finished file over it would replace /dev/null itself
+        raise UserError(f"{path} is not a regular file (a device or a pipe): outputs are written to a temporary file "
+                        f"and renamed into place; give a file path, or leave -o out")
     if create_parent or path.parent.exists():
         ensure_writable_dir(path.parent)
     return path
@@ -64,6 +67,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Like atomic_path for a folder of files (OpenVINO IR, multi-file artifacts)."""
     final = Path(final)
+    if final.exists() and not (final.is_dir() or final.is_file()):  # it would unlink a device node
+        raise UserError(f"{final} is not a regular file or folder (a device or a pipe); give another path")
     ensure_writable_dir(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
     try:

@@ -574,6 +574,8 @@ def calibrate(models: list[str | Path], threads: int = 1, out: str | Path | None
            "environment": measurements[0]["environment"] if measurements else None}
     if out:
         out = Path(out)
+        if out.exists() and not out.is_file():  # os.replace would put the fit in place of /dev/null itself
+            raise UserError(f"--out {out} is not a regular file: give a file path")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".part")
         tmp.write_text(json.dumps(doc, indent=1))

@@ -1,6 +1,7 @@
 """Bad input: a clear one-line error naming the problem, exit code 2, no traceback, nothing half-written."""
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -221,6 +222,18 @@ def test_output_on_a_file_system_that_takes_no_files(tmp_path):
     # root passes os.access on /proc; the export used to die in mkstemp with an internal error
     assert_user_error(run_cli("export", RESNET20, "--arch", "resnet20", "-o", "/proc/m.onnx"), "not writable")
     assert_user_error(run_cli("profile", tmp_path / "whatever.onnx", "-o", "/proc/p.json"), "not writable")
+
+
+def test_an_output_path_that_is_a_device_or_pipe_is_left_alone(tmp_path):
+    """-o /dev/null, as root: the finished file was renamed over the device node, replacing /dev/null itself."""
+    import stat
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)  # a device node needs root to make; a pipe takes the same path through the code
+    assert_user_error(run_cli("profile", tmp_path / "m.onnx", "-o", pipe), "is not a regular file (a device or a pipe)")
+    assert_user_error(run_cli("quantize", RESNET20, "--arch", "resnet20", "-m", "minmax", "--calib", "random:8",
+                              "-o", pipe), "is not a regular file")
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
 
 
 def test_what_a_quantized_model_cannot_go_through(tmp_path):
