@@ -88,13 +88,14 @@ def has_labels(spec: str) -> bool | None:
 
 def _check_exists(kind: str, where: Path) -> None:
     """A data file (npz) or folder that is there and of the right kind; else what it is instead."""
+    if not where.exists():
+        raise UserError(f"data {'file' if kind == 'npz' else 'folder'} not found: {where}")
+    if kind == "npz" and where.is_dir():
+        raise UserError(f"data file {where} is a folder: cifar10: takes an .npz file, folder: a folder of class subfolders")
     if kind == "npz" and not where.is_file():
-        raise UserError(f"data file {where} is a folder: cifar10: takes an .npz file, folder: a folder of class "
-                        f"subfolders" if where.is_dir() else f"data file {where} is not a regular file"
-                        if where.exists() else f"data file not found: {where}")
+        raise UserError(f"data file {where} is not a regular file")
     if kind == "folder" and not where.is_dir():
-        raise UserError(f"data folder {where} is a file: folder: takes a folder of class subfolders, cifar10: an .npz"
-                        if where.exists() else f"data folder not found: {where}")
+        raise UserError(f"data folder {where} is a file: folder: takes a folder of class subfolders, cifar10: an .npz")
 
 
 def _resolve(spec: str) -> tuple[str, Path | int]:

@@ -107,7 +107,7 @@ def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, In
         try:
             factory = getattr(importlib.import_module(mod_name), fn_name)
         except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module: missing, broken, or exits on import
-            raise UserError(f"cannot import architecture {arch!r}: {first_line(e) or type(e).__name__}") from None
+            raise UserError(f"cannot import architecture {arch!r}: {first_line(e)}") from None
         if kwargs and not takes_num_classes(factory):
             raise UserError(f"--arch {arch}: the checkpoint has {num_classes} outputs, but {fn_name}() takes no "
                             f"num_classes argument to build that many")

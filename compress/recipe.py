@@ -132,7 +132,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
+            if not isinstance(key, str):
+                continue
+            if key in seen:
                 mark = key_node.start_mark
                 raise UserError(f"recipe: key {key!r} appears twice in one mapping (line {mark.line + 1}); keep one")
             seen.add(key)

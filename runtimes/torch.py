@@ -5,7 +5,6 @@ is not runnable without its architecture (load it with compress.io and export it
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import zipfile
@@ -96,9 +95,9 @@ def load_export_program(path: str | Path, torch):
     finally:
         for lg, (handlers, flag) in zip(loggers, saved_state):
             lg.handlers, lg.propagate = handlers, flag
-        with contextlib.suppress(KeyError):
-            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
-        if saved is not None:
+        if saved is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
 
 
