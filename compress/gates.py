@@ -616,7 +616,7 @@ def evaluate(profile: dict, budgets: list[Budget] | None = None, baseline: dict 
     """Budgets and the baseline comparison for one profile -> a report dict (`passed`, `failures`, rows).
 
     `baseline_missing`: why a comparison that was asked for could not run (a CI job's first run has no previous
-    artifact); it becomes a skipped JUnit testcase and a note, not a failure."""
+    artifact); it becomes a skipped JUnit testcase and a note of the summary, not a failure."""
     if reference is None and baseline is not None and baseline.get("accuracy"):
         reference = [baseline["accuracy"]]
     rows = check_budgets(budgets or [], profile, accuracy, reference)
@@ -631,7 +631,8 @@ def evaluate(profile: dict, budgets: list[Budget] | None = None, baseline: dict 
             "artifact": profile.get("artifact", {}).get("path"), "target": profile.get("target"),
             "budgets": rows, "baseline": comparison, "accuracy": accuracy, "reference_accuracy": reference,
             "passed": not failures, "failures": failures,
-            **({"baseline_missing": baseline_missing, "max_slowdown": max_slowdown} if baseline_missing else {})}
+            **({"baseline_missing": baseline_missing, "max_slowdown": max_slowdown, "notes": [baseline_missing]}
+               if baseline_missing else {})}
 
 
 def failure_line(report: dict) -> str:

@@ -98,6 +98,14 @@ class LoadedModel:
             raise UserError(f"{self.source} is a {kind} file: `{verb}` needs an nn.Module with its "
                             f"architecture (a state dict with --arch, or a model saved by this toolchain)")
 
+    def require_savable(self, verb: str) -> None:
+        """A compressed model is saved as architecture + edits + weights: without an architecture it cannot be."""
+        if self.arch is None:
+            what = {"pickle": "a pickled module", "export": "a torch.export program",
+                    "torchscript": "a TorchScript archive"}.get(self.kind, "a model")
+            raise UserError(f"{verb}: {self.source} is {what} with no known architecture, and a compressed model is "
+                            f"saved as architecture + edits + weights: load its state dict with --arch")
+
 
 def build_arch(arch: str, num_classes: int | None = None) -> tuple[nn.Module, InputSpec]:
     """A zoo name, or `package.module:factory` (imports that module: code the user named explicitly)."""
@@ -399,9 +407,7 @@ def _load_torchscript(path: Path, input_shape: tuple[int, ...] | None) -> Loaded
 def save_model(lm: LoadedModel, path: str | Path) -> Path:
     """Save in the toolchain's own format (tensors and plain data only: reloads with weights_only=True)."""
     path = Path(path)
-    if lm.kind == "pickle" or lm.arch is None:
-        raise UserError("this model came from a pickled module with no known architecture; "
-                        "load it from a state dict with --arch to save a compressed copy")
+    lm.require_savable("save")
     payload = {
         "format": FORMAT,
         "arch": lm.arch,

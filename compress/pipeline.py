@@ -341,11 +341,8 @@ class Pipeline:
         lm = load_model(r.model, arch=r.arch, trust_pickle=r.trust_pickle,
                         input_shape=tuple(r.input_shape) if r.input_shape else None, normalization=r.mean_std)
         compressing = [s["stage"] for s in r.stages if s["stage"] in ("prune", "quantize", "lowrank")]
-        if compressing and lm.arch is None:  # found out when saving, after the work, before
-            what = {"pickle": "a pickled module", "export": "a torch.export program",
-                    "torchscript": "a TorchScript archive"}.get(lm.kind, "a model")
-            raise UserError(f"{compressing[0]}: {r.model} is {what} with no known architecture, and a compressed "
-                            f"model is saved as architecture + edits + weights: load its state dict with --arch")
+        if compressing:  # each stage saves its model: refused now, not after the work
+            lm.require_savable(compressing[0])
         torch.manual_seed(r.seed)
         self.ctx = Context(spec=lm.spec, data={k: v for k, v in r.data.items() if k != "eval"}, seed=r.seed,
                            out_dir=self.out_dir)
@@ -438,10 +435,6 @@ class Pipeline:
             if precision != "fp32":  # the fake-quant wrappers would be dropped or break shapes
                 raise UserError(f"{src.lm.source} is quantized ({precision}): {stage['stage']} the float model, then "
                                 f"quantize")
-        done = [h for h in src.lm.history if h.get("stage") == "lowrank"]
-        if stage["stage"] == "lowrank" and done:  # it would split each factor pair again: more layers, no gain
-            raise UserError(f"{src.lm.source} is already factorized (lowrank {done[-1].get('method')}): lowrank the "
-                            f"model it came from, with another rank rule")
         if hasattr(cfg, "check_model"):  # options that only make sense for some models: refuse before any work
             cfg.check_model(src.lm)
         source = f" ({Path(src.lm.source).name})" if src.name == "original" and src.lm.source else ""
@@ -576,8 +569,6 @@ class Pipeline:
                                         accuracy=[gates.accuracy_record(v, k) for k, v in art.get("accuracy", {}).items()],
                                         reference=[gates.accuracy_record(v, k) for k, v in reference.items()],
                                         alpha=alpha, max_slowdown=slowdown, baseline_missing=missing)
-                if missing:
-                    report["notes"] = [missing]
                 gates_path = Path(art["path"]).with_name(Path(art["path"]).name + tag + ".gates.json")
                 with atomic_path(gates_path) as tmp:
                     tmp.write_text(json.dumps(_jsonable(report), indent=2))

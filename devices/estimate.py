@@ -536,7 +536,6 @@ def fit(measurements: list[dict], entry: Entry, bandwidth_gbs: float | None = No
     residuals = []
     for m in measurements:
         graph = _graph_from(m)
-        graph.weights_bytes = m["working_set_bytes"]  # predict() picks the bandwidth level from it
         pred = predict(graph, entry, params, threads)
         residuals.append((pred["executed_nodes"], m["e2e_ms"] * 1000.0 - pred["kernels_ms"] * 1000.0))
     # signed on purpose: per-node kernel times under ORT's profiler carry its own per-event cost, which the
@@ -561,7 +560,6 @@ def calibrate(models: list[str | Path], threads: int = 1, out: str | Path | None
     in_sample = []  # a fit that cannot reproduce its own models (FP32 and INT8 mixed, too few) must say so
     for m in measurements:
         graph = _graph_from(m)
-        graph.weights_bytes = m["working_set_bytes"]
         predicted = predict(graph, entry, params, threads)["latency_ms"]
         in_sample.append({"model": m["model"], "measured_ms": m["e2e_ms"], "predicted_ms": round(predicted, 4),
                           "error": round(predicted / m["e2e_ms"] - 1.0, 4)})
@@ -615,7 +613,9 @@ def load_fit(path: str | Path) -> Params:
 
 
 def _graph_from(m: dict) -> GraphCost:
-    return GraphCost([NodeCost(**n) for n in m["graph"]], 0, 0, "", [], [])
+    """A calibration measurement's graph, as predict() takes it: the working set stands in for the weights
+    (predict picks the bandwidth level from weights + peak activations)."""
+    return GraphCost([NodeCost(**n) for n in m["graph"]], m["working_set_bytes"], 0, "", [], [])
 
 
 def _least_squares(xs: list[float], ys: list[float]) -> tuple[float, float]:

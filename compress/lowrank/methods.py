@@ -86,6 +86,13 @@ class LowRankConfig(MethodConfig):
         if self.rank_rule == "latency":
             self.latency_aware = True
 
+    def check_model(self, lm: LoadedModel) -> None:
+        """An already factorized model would have each factor pair split again: more layers, no gain."""
+        done = [h for h in lm.history if h.get("stage") == "lowrank"]
+        if done:
+            raise UserError(f"{lm.source} is already factorized (lowrank {done[-1].get('method')}): lowrank the "
+                            f"model it came from, with another rank rule")
+
 
 @dataclass
 class FWSVDConfig(LowRankConfig):
