@@ -1,4 +1,4 @@
-"""Where the Genie W2A4 gap to lossless real images lives (ResNet-20): a diagnostic, not a benchmark table.
+"""Where the Genie W2A4 gap to lossless real images lives (ResNet-20 unless --arch): a diagnostic, not a benchmark table.
 
 Issue 4 misses "genie data within 1 pt of real data" at W2A4 on the JPEG test set against lossless real training
 images (real-clean). This script asks which part of Genie-M's result the calibration images change:
@@ -79,6 +79,7 @@ def with_grids_of(dst: torch.nn.Module, src: torch.nn.Module, which) -> torch.nn
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="resnet20", help="a CIFAR zoo model with its shared pretrained weights")
     ap.add_argument("--sources", default="genie,real-clean")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--samples", type=int, default=256)
@@ -97,7 +98,7 @@ def main() -> None:
     if args.swap:
         sources = list(dict.fromkeys(["genie", "real-clean", *sources]))
 
-    lm = zoo_model("resnet20")
+    lm = zoo_model(args.arch)
     norm = Normalizer(lm.spec.mean, lm.spec.std)
     tests = {"lossless846": load_dataset(f"cifar10:{data_path('cifar10_test_lossless846.npz')}"),
              "jpeg10000": load_dataset(f"cifar10:{data_path('cifar10_test_jpeg.npz')}")}
