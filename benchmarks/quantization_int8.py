@@ -6,7 +6,7 @@ with the models interleaved (every round times each model in turn, so load drift
 
     .venv/bin/python benchmarks/quantization_int8.py [--threads 1] [--rounds 200] [--per-round 20]
 
-Writes benchmarks/results/quantization_int8.{json,md}. Bar: ours >= 2.5x faster than FP32 (p50) with
+Writes benchmarks/results/quantization_int8.{json,md} (or into --out-dir). Bar: ours >= 2.5x faster than FP32 (p50) with
 <= 0.3 pt top-1 drop on cifar10_test_lossless846.
 """
 from __future__ import annotations
@@ -175,6 +175,7 @@ def gemm_ceiling(threads: int, n: int = 512, runs: int = 30) -> dict:
             g = helper.make_graph([node], name, [helper.make_tensor_value_info("x", tin, [n, n])],
                                   [helper.make_tensor_value_info("y", tout, [n, n])], [numpy_helper.from_array(w, "W")])
             path = Path(tmp) / f"{name}.onnx"
+            # IR 8 explicitly: a newer onnx writes its own default, which older ORTs refuse (ORT 1.30: IR 14 > 13)
             path.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString())
             s = session(path, threads)
             for _ in range(5):
