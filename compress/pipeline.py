@@ -30,7 +30,7 @@ from compress.io import LoadedModel, load_model, save_model
 from compress.metrics import count_flops, count_params, evaluate, predict, top1, weight_bytes
 from compress.progress import log
 from compress.recipe import Recipe, map_spec_path
-from compress.stages import Context, build_config
+from compress.stages import Context, build_config, data_flag, data_spec
 
 DEFAULT_NAMES = {"prune": "pruned", "quantize": "quantized", "lowrank": "lowrank"}
 STAGE_KEYS = {"stage", "method", "name", "output"}  # stage keys that are not method options
@@ -228,9 +228,8 @@ class Pipeline:
                 method = fams[s["stage"]].get(s["method"])
                 cfg = build_config(method, {k: v for k, v in s.items() if k not in STAGE_KEYS})
                 for role in method.needs_data:  # found out after loading the model (and the stages before), before
-                    if not (self.recipe.data.get(role) or (role == "calib" and self.recipe.data.get("train"))):
-                        flag = "--calib (or --data)" if role == "calib" else "--data"
-                        raise UserError(f"stage {s['stage']}: {method.name} needs {role} data: pass {flag} (or "
+                    if not data_spec(self.recipe.data, role):
+                        raise UserError(f"stage {s['stage']}: {method.name} needs {role} data: pass {data_flag(role)} (or "
                                         f"`data: {{{role}: ...}}` in the recipe)")
                 if getattr(cfg, "finetune_epochs", 0) and not self.recipe.data.get("train"):
                     raise UserError(f"stage {s['stage']}: finetune_epochs {cfg.finetune_epochs} needs train data: pass "

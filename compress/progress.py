@@ -26,12 +26,17 @@ def quiet() -> bool:
     return _quiet
 
 
+def _silenced() -> bool:
+    """-q or COMPRESS_NO_PROGRESS: no progress output at all, not even the piped lines."""
+    return _quiet or bool(os.environ.get("COMPRESS_NO_PROGRESS"))
+
+
 def enabled() -> bool:
-    return not _quiet and not os.environ.get("COMPRESS_NO_PROGRESS") and sys.stderr.isatty()
+    return not _silenced() and sys.stderr.isatty()
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    if _quiet or os.environ.get("COMPRESS_NO_PROGRESS"):
+    if _silenced():
         yield from items
         return
     if not sys.stderr.isatty():

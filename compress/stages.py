@@ -37,12 +37,10 @@ class Context:
     _cache: dict[str, Dataset] = field(default_factory=dict, repr=False)
 
     def dataset(self, role: str, required: bool = False, labeled: bool = False) -> Dataset | None:
-        spec = self.data.get(role)
-        if spec is None and role == "calib":  # unlabeled calibration may come from the training data
-            spec = self.data.get("train")
+        spec = data_spec(self.data, role)
         if spec is None:
             if required:
-                flag = "--calib (or --data)" if role == "calib" else "--data" if role == "train" else f"--{role}"
+                flag = data_flag(role)
                 raise UserError(f"this stage needs {role} data: pass {flag} (or `data: {role}:` in the recipe)")
             return None
         if spec not in self._cache:
@@ -54,6 +52,19 @@ class Context:
 
     def normalizer(self) -> Normalizer:
         return Normalizer(self.spec.mean, self.spec.std)
+
+
+def data_spec(data: dict, role: str) -> str | None:
+    """The data spec a stage reads for `role`: unlabeled calibration may come from the training data."""
+    spec = data.get(role)
+    if spec is None and role == "calib":
+        spec = data.get("train")
+    return spec
+
+
+def data_flag(role: str) -> str:
+    """The CLI option that gives `role` data."""
+    return "--calib (or --data)" if role == "calib" else "--data" if role == "train" else f"--{role}"
 
 
 @dataclass
