@@ -15,6 +15,10 @@ plus a random per-image, per-channel offset with the spread real images have: a 
 W2A4, `fast` preset, --recon-iters per unit. Prints per-run top-1 on cifar10_test_lossless846 and all of
 cifar10_test_jpeg, the mean per source, and statistics of each calibration set in normalized space.
 
+`--workers N`: a GPU runs one launch-bound ResNet-20 process at a fraction of its speed, so N processes share
+it: Genie-D in shards of 128 images (shard k synthesized with seed k, so not the images of the one-process run,
+which draws all batches from seed 0), and the Genie-M runs (one per source and seed) side by side. Not with --swap.
+
 `--swap`: for each seed, Genie-M runs on genie and real-clean images, then each model is evaluated again with the
 other's activation grids (every activation quantizer's step and zero-point) and with only the last one swapped.
 If the grids carried the gap, genie weights with real-clean grids would score like real-clean.
@@ -27,7 +31,8 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 os.environ.setdefault("COMPRESS_NO_PROGRESS", "1")
@@ -77,6 +82,38 @@ def with_grids_of(dst: torch.nn.Module, src: torch.nn.Module, which) -> torch.nn
     return out
 
 
+def synthesis_config(args: argparse.Namespace, samples: int, seed: int) -> SynthesisConfig:
+    return SynthesisConfig(samples=samples, batch=128, iters=args.distill_iters, gen_c1=128, gen_c2=64, seed=seed,
+                           device=args.torch_device, input_stats=args.input_stats)
+
+
+def worker_threads(workers: int) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def synthesize_shard(arch: str, cfg: SynthesisConfig, workers: int) -> torch.Tensor:
+    worker_threads(workers)
+    lm = zoo_model(arch)
+    return synthesize(lm.model, lm.spec.shape, cfg)[0]
+
+
+def test_sets() -> dict:
+    return {"lossless846": load_dataset(f"cifar10:{data_path('cifar10_test_lossless846.npz')}"),
+            "jpeg10000": load_dataset(f"cifar10:{data_path('cifar10_test_jpeg.npz')}")}
+
+
+def genie_m_run(arch: str, images: torch.Tensor, seed: int, recon_iters: int, device: str, workers: int) -> dict:
+    """One W2A4 Genie-M run in a worker process: its top-1 on both test sets and its wall time."""
+    worker_threads(workers)
+    lm = zoo_model(arch)
+    norm = Normalizer(lm.spec.mean, lm.spec.std)
+    t = time.perf_counter()
+    cfg = GenieConfig(bits="w2a4", preset="fast", recon_iters=recon_iters, torch_device=device)
+    gm, _ = genie_quantize(lm.model, images, cfg, seed=seed, spec=lm.spec)
+    seconds = round(time.perf_counter() - t)
+    return {**{k: round(evaluate(gm, d, norm), 2) for k, d in test_sets().items()}, "seconds": seconds}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="resnet20", help="a CIFAR zoo model with its shared pretrained weights")
@@ -89,26 +126,33 @@ def main() -> None:
     ap.add_argument("--recon-iters", type=int, default=150)
     ap.add_argument("--swap", action="store_true", help="also swap activation grids between genie and real-clean")
     ap.add_argument("--torch-device", default="cpu")
+    ap.add_argument("--workers", type=int, default=1, help="processes sharing the device (see the docstring)")
     ap.add_argument("--out", type=Path, help="write the results here as JSON")
     args = ap.parse_args()
     sources = args.sources.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     if unknown := set(sources) - set(SOURCES):
         ap.error(f"unknown sources {sorted(unknown)}; choose from {SOURCES}")
+    if args.workers > 1 and args.swap:
+        ap.error("--swap needs the models in one process: leave out --workers")
     if args.swap:
         sources = list(dict.fromkeys(["genie", "real-clean", *sources]))
 
     lm = zoo_model(args.arch)
     norm = Normalizer(lm.spec.mean, lm.spec.std)
-    tests = {"lossless846": load_dataset(f"cifar10:{data_path('cifar10_test_lossless846.npz')}"),
-             "jpeg10000": load_dataset(f"cifar10:{data_path('cifar10_test_jpeg.npz')}")}
+    tests = test_sets()
+    pool = (ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) if args.workers > 1 else None)
     calib: dict[str, torch.Tensor] = {}
     meta: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     if {"genie", "genie-shift"} & set(sources):
-        cfg = SynthesisConfig(samples=args.samples, batch=128, iters=args.distill_iters, gen_c1=128, gen_c2=64, seed=0,
-                              device=args.torch_device)
         t = time.perf_counter()
-        calib["genie"], _ = synthesize(lm.model, lm.spec.shape, replace(cfg, input_stats=args.input_stats))
+        if pool:
+            shards = [min(128, args.samples - k) for k in range(0, args.samples, 128)]
+            calib["genie"] = torch.cat(list(pool.map(
+                synthesize_shard, [args.arch] * len(shards),
+                [synthesis_config(args, n, k) for k, n in enumerate(shards)], [args.workers] * len(shards))))
+        else:
+            calib["genie"], _ = synthesize(lm.model, lm.spec.shape, synthesis_config(args, args.samples, 0))
         meta["synthesis_seconds"] = round(time.perf_counter() - t, 1)
         calib["genie-shift"] = with_offsets(calib["genie"], 0.6, 0)  # 0.6: real images' spread of per-image means
     for name, file in REAL.items():
@@ -122,6 +166,15 @@ def main() -> None:
         return {k: round(evaluate(gm, d, norm), 2) for k, d in tests.items()}
 
     runs: dict[str, list[dict]] = {}
+    if pool:
+        jobs = [(name, seed, pool.submit(genie_m_run, args.arch, calib[name], seed, args.recon_iters,
+                                         args.torch_device, args.workers)) for seed in seeds for name in sources]
+        for name, seed, job in jobs:
+            result = job.result()
+            print(f"{name:12s} seed {seed}: {result}", flush=True)
+            runs.setdefault(name, []).append(result)
+        pool.shutdown()
+        seeds = []
     for seed in seeds:
         models = {}
         for name in sources:
