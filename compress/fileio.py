@@ -1,6 +1,7 @@
 """Atomic writes: an artifact appears under its final name complete, or not at all."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Iterator
 
 from compress.errors import UserError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # errnos of a full disk or an exhausted quota
 
 
 def cache_dir() -> Path:
@@ -56,7 +59,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the user's usual mode
     try:
-        yield tmp_path
+        with disk_full_as_oserror(final):
+            yield tmp_path
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
@@ -72,13 +76,37 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     ensure_writable_dir(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
     try:
-        yield tmp
+        with disk_full_as_oserror(final):
+            yield tmp
         if final.exists():
             shutil.rmtree(final) if final.is_dir() else final.unlink()
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def disk_full_as_oserror(final: Path) -> Iterator[None]:
+    """C++ writers (torch's zip writer, OpenVINO's serializer) report a full disk as an opaque RuntimeError
+    ("unexpected pos", "iostream error"); when the writer fails and the target's file system has no room left,
+    say so as the OSError(ENOSPC) that Python writers raise. Checked before the partial file is removed."""
+    try:
+        yield
+    except UserError:
+        raise
+    except OSError as e:  # a full disk is named by the artifact's path, not the temporary file's (or none)
+        if e.errno in DISK_FULL and e.filename != str(final):
+            raise OSError(e.errno, e.strerror, str(final)) from e
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised unless the disk is full
+        try:
+            full = shutil.disk_usage(final.parent).free < (1 << 20)
+        except OSError:
+            full = False
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final)) from e
+        raise
 
 
 def _umask() -> int:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from compress.errors import UserError
-from compress.fileio import ensure_writable_dir
+from compress.fileio import disk_full_as_oserror, ensure_writable_dir
 from compress.io import InputSpec
 from exporters.base import Artifact, check_parity, parity_inputs
 from exporters.onnx import export_onnx, resolve_precision
@@ -38,7 +38,8 @@ def export_openvino(model: nn.Module, spec: InputSpec, out: Path, precision: str
         notes.append("QDQ pairs lowered to OpenVINO FakeQuantize ops")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", suffix=".part", dir=ensure_writable_dir(out.parent)))
     try:
-        ov.save_model(ov_model, str(tmp / out.name), compress_to_fp16=(precision == "fp16"))
+        with disk_full_as_oserror(out):
+            ov.save_model(ov_model, str(tmp / out.name), compress_to_fp16=(precision == "fp16"))
         art = Artifact(str(out), "openvino", final_precision, onnx_art.input, onnx_art.output_names, notes=notes)
         if check:
             from runtimes import open_session

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from compress import __version__
 from compress.errors import UserError
-from compress.fileio import ensure_writable_dir, sha256_file
+from compress.fileio import DISK_FULL, disk_full_as_oserror, ensure_writable_dir, sha256_file
 from compress.io import InputSpec
 from exporters.base import Artifact, check_parity, parity_inputs
 from exporters.onnx import export_onnx
@@ -63,8 +63,9 @@ def export_ort(model: nn.Module, spec: InputSpec, out: Path, precision: str = "a
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", suffix=".part", dir=ensure_writable_dir(out.parent)))
     try:
         # the ONNX keeps the artifact's stem, so ORT's tool names the config <stem>.required_operators.config
-        onnx_art = export_onnx(model, spec, tmp / "onnx" / f"{out.stem}.onnx", precision, parity_images, check=False)
-        _convert(convert_onnx_models_to_ort, OptimizationStyle.Fixed, Path(onnx_art.path), tmp / "ort")
+        with disk_full_as_oserror(out):  # named by the artifact, not the intermediate ONNX
+            onnx_art = export_onnx(model, spec, tmp / "onnx" / f"{out.stem}.onnx", precision, parity_images, check=False)
+        _convert(convert_onnx_models_to_ort, OptimizationStyle.Fixed, Path(onnx_art.path), tmp / "ort", out)
         made = {"ort": tmp / "ort" / out.name, "config": tmp / "ort" / paths["config"].name}
         for role, p in made.items():
             if not p.is_file():
@@ -94,15 +95,18 @@ def export_ort(model: nn.Module, spec: InputSpec, out: Path, precision: str = "a
     return art.finalize()
 
 
-def _convert(convert, style, onnx_path: Path, out_dir: Path) -> None:
-    """Run ORT's converter quietly (it prints progress and logs at INFO); one line if it fails."""
+def _convert(convert, style, onnx_path: Path, out_dir: Path, artifact: Path) -> None:
+    """Run ORT's converter quietly (it prints progress and logs at INFO); one line if it fails.
+    `artifact`: the final .ort path, named if the disk fills up."""
     log = logging.getLogger("ort_format_model.utils")
     level = log.level
     log.setLevel(logging.WARNING)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), disk_full_as_oserror(artifact):
             convert(onnx_path, output_dir=out_dir, optimization_styles=[style], target_platform=TARGET_PLATFORM)
     except Exception as e:  # noqa: BLE001 - the converter raises whatever the ORT session raised
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            raise  # the CLI's own one-line answer to a full disk
         line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise UserError(f"ORT-format conversion failed: {line[:200]}") from None
     finally:

@@ -429,6 +429,31 @@ def test_synthesize_makes_no_folder_before_it_has_images(tmp_path):
     assert not (tmp_path / "new").exists()  # an empty folder was left behind
 
 
+@pytest.mark.parametrize("free", [0, 10 << 30])
+def test_a_cpp_writer_failing_on_a_full_disk_is_reported_as_one(tmp_path, monkeypatch, free):
+    """torch's zip writer and OpenVINO's serializer fail on a full disk with opaque RuntimeErrors ('unexpected pos',
+    'iostream error'): with no room left that becomes ENOSPC; with room, the writer's own error stands. Either
+    way no partial file is left."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from compress.fileio import atomic_path
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 40, (1 << 40) - free, free))
+    with pytest.raises((OSError, RuntimeError)) as e:
+        with atomic_path(tmp_path / "m.pt") as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 176832 vs 176720")
+    if free:
+        assert type(e.value) is RuntimeError
+    else:
+        assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
+        assert e.value.filename == str(tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_full_disk_is_a_one_line_error(monkeypatch, capsys):
     import errno
     import signal
