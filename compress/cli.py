@@ -292,7 +292,9 @@ lowrank = _compress_verb("lowrank", "Factorize MODEL's Linear and Conv layers in
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", default="onnx", show_default=True, help="onnx | openvino | ort | tensorrt.")
+@click.option("--format", "fmt", default=None,
+              help="onnx | openvino | ort | tensorrt [default: the one -o's suffix names (.onnx, .xml, .ort, "
+                   ".engine/.plan), else onnx].")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Bake this batch size into the artifact (default: a dynamic batch axis). A fixed shape lets the "
                    "runtime plan for it: OpenVINO runs batch 1 10-20% faster.")
@@ -302,7 +304,7 @@ lowrank = _compress_verb("lowrank", "Factorize MODEL's Linear and Conv layers in
 @model_options
 @data_options
 @output_options
-def export(model: Path, fmt: str, batch: int | None, precision: str, output: Path | None, as_json: bool,
+def export(model: Path, fmt: str | None, batch: int | None, precision: str, output: Path | None, as_json: bool,
            save_recipe: Path | None, **kw) -> None:
     """Export MODEL to a runtime format; the artifact is kept only if it matches torch (parity check).
 
@@ -310,8 +312,9 @@ def export(model: Path, fmt: str, batch: int | None, precision: str, output: Pat
     seeded random inputs (which exercise the graph but say less about real-data agreement)."""
     from compress.fileio import check_output_file
     from compress.report import print_artifacts
-    from exporters import EXPORTERS, artifact_path
+    from exporters import EXPORTERS, artifact_path, format_of
 
+    fmt = fmt or format_of(output)
     EXPORTERS.get(fmt)
     out = artifact_path(Path(output) if output else Path(model.stem), fmt)
     check_output_file(out, create_parent=False)  # before the model loads: a folder or unwritable place fails at once

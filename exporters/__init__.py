@@ -23,6 +23,13 @@ SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "ort": ".ort", "tensorrt": ".engi
 _OTHER = {".onnx", ".xml", ".bin", ".ort", ".engine", ".plan"}
 
 
+def format_of(path: Path | None, default: str = "onnx") -> str:
+    """The export format an output path's suffix names (.xml -> openvino, .plan -> tensorrt), else `default`."""
+    suffix = path.suffix.lower() if path is not None else ""
+    named = {v: k for k, v in SUFFIX.items()} | {".plan": "tensorrt", ".bin": "openvino"}
+    return named.get(suffix, default)
+
+
 def artifact_path(path: Path, fmt: str) -> Path:
     """The file an export to `fmt` writes for `path`: runtimes, eval and profile tell the format by its suffix, so
     a suffix-less name gets it appended, another format's suffix is replaced, and .plan stays for TensorRT."""
@@ -34,4 +41,4 @@ def artifact_path(path: Path, fmt: str) -> Path:
     return path.with_suffix(suffix) if path.suffix.lower() in _OTHER else path.with_name(path.name + suffix)
 
 
-__all__ = ["Artifact", "EXPORTERS", "SUFFIX", "artifact_path"]
+__all__ = ["Artifact", "EXPORTERS", "SUFFIX", "artifact_path", "format_of"]

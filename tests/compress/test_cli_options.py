@@ -49,6 +49,16 @@ def test_export_path_carries_the_format_suffix():
     assert artifact_path(Path("model.onnx"), "tensorrt") == Path("model.engine")
 
 
+def test_export_format_follows_the_output_suffix_when_not_given():
+    from pathlib import Path
+
+    from exporters import format_of
+
+    assert [format_of(Path(p)) for p in ("m.XML", "m.bin", "m.ort", "m.plan", "m.engine", "m.onnx", "m", "m.v2")] == [
+        "openvino", "openvino", "ort", "tensorrt", "tensorrt", "onnx", "onnx", "onnx"]
+    assert format_of(None) == "onnx"
+
+
 def test_quiet_after_the_verb(tmp_path):
     loud = run_cli("export", RESNET20, "--arch", "resnet20", "-o", tmp_path / "a.onnx", "--eval-data",
                    f"cifar10:{TEST_LOSSLESS}")

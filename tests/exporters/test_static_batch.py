@@ -20,7 +20,7 @@ def _dims(value_info) -> list:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("static")
-    for name, extra in (("dyn.onnx", []), ("b1.onnx", ["--batch", "1"]), ("b4.xml", ["--batch", "4", "--format", "openvino"])):
+    for name, extra in (("dyn.onnx", []), ("b1.onnx", ["--batch", "1"]), ("b4.xml", ["--batch", "4"])):  # .xml: OpenVINO
         r = run_cli("export", RESNET20, "--arch", "resnet20", *extra, "-o", d / name, "--json")
         assert r.returncode == 0, r.stderr
     return d
