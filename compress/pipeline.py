@@ -143,6 +143,16 @@ def _unknown_profile_keys(keys: list[str]) -> str:
     return f"profile stage: unknown key(s) {', '.join(hints)}; it takes {', '.join(known)} and the device's options"
 
 
+def _check_opens(path: Path, runtime: str) -> None:
+    from runtimes import open_session
+
+    try:
+        with open_session(path, runtime):
+            pass
+    except UserError as e:
+        raise UserError(f"profile: baseline {e}") from None
+
+
 def _baseline_dir(stage: dict) -> Path | None:
     """A profile stage's `baseline:` folder (a manifest.json in it names the folder too), or None."""
     value = stage.get("baseline")
@@ -529,6 +539,7 @@ class Pipeline:
             if base_dir is None:
                 continue
             if (base_dir / name).is_file():
+                _check_opens(base_dir / name, runtimes[i])  # a broken baseline fails now, not after a round
                 baselines[i] = len(jobs)
                 jobs.append((str(base_dir / name), runtimes[i], f"{name} (baseline)"))
             elif (base_dir / f"{name}{tag}.profile.json").is_file():

@@ -206,6 +206,15 @@ def test_a_recorded_estimate_baseline_is_refused_before_measuring(tmp_path, prev
         P(_recipe(EXPORT, {**FAST, "iterations": 100000, "baseline": str(base)}), tmp_path / "out").run()
 
 
+def test_a_baseline_artifact_that_does_not_load_is_refused_before_measuring(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "original.onnx").write_bytes(b"a truncated upload")
+    with pytest.raises(UserError, match=r"profile: baseline .*original.onnx: onnxruntime cannot load it"):
+        Pipeline(_recipe(EXPORT, {**FAST, "iterations": 100000, "baseline": str(base)}), tmp_path / "out").run()
+    assert not (tmp_path / "out" / "original.onnx.profile.json").exists()
+
+
 @pytest.mark.parametrize("stages, words", [
     ([EXPORT, {**FAST, "iterations": 55, "baseline": "BASE", "alpha": 0.001}], "can never show a difference at alpha"),
     ([EXPORT, {"stage": "profile", "device": "ssh://pi@board", "basline": "x"}], "ssh device: unknown option(s) basline"),
