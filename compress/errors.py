@@ -13,6 +13,11 @@ class GateFailed(Exception):
     exit_code = 1
 
 
+def is_whole(v: object) -> bool:
+    """A whole number as a recipe (YAML/JSON) gives one: an int, not a bool (`iterations: yes` is not 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The line of an exception a user can act on, for one-line errors: the first non-blank line (OpenVINO leads with
     C++ source locations: skipped), or the exception's type name when its message is empty."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from compress.errors import UserError, first_line
+from compress.errors import UserError, first_line, is_whole
 
 TOP_KEYS = {"model", "arch", "trust_pickle", "input_shape", "normalization", "data", "seed", "stages", "name"}
 DATA_ROLES = {"train", "calib", "eval"}
@@ -143,19 +143,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _check_top_types(d: dict) -> None:
     """Each top-level value of the kind it must be (a wrong one failed later as an internal error)."""
-    def whole(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
     if not isinstance(d["model"], str):
         raise UserError(f"recipe: model is a path to the model file, got {d['model']!r}")
     if d.get("arch") is not None and not isinstance(d["arch"], str):
         raise UserError(f"recipe: arch is a zoo name or package.module:factory, got {d['arch']!r}")
-    if "seed" in d and not whole(d["seed"]):
+    if "seed" in d and not is_whole(d["seed"]):
         raise UserError(f"recipe: seed is a whole number, got {d['seed']!r}")
     if not isinstance(d.get("trust_pickle", False), bool):
         raise UserError(f"recipe: trust_pickle is true or false, got {d['trust_pickle']!r}")
     shape = d.get("input_shape")
-    if shape is not None and not (isinstance(shape, list) and shape and all(whole(v) and v > 0 for v in shape)):
+    if shape is not None and not (isinstance(shape, list) and shape and all(is_whole(v) and v > 0 for v in shape)):
         raise UserError(f"recipe: input_shape is a list of positive whole numbers (C, H, W), got {shape!r}")
     if d.get("data") is not None and not isinstance(d["data"], dict):
         raise UserError("recipe: data is a mapping of roles (train, calib, eval) to data specs, "

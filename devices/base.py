@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from compress.errors import UserError
+from compress.errors import UserError, is_whole
 
 
 @dataclass
@@ -23,16 +23,13 @@ class ProfileOptions:
     timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        def whole(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
         for name in ("threads", "warmup", "iterations", "batch", "seed"):  # a recipe's `iterations: ten`
             value = getattr(self, name)
-            if not (whole(value) or (name == "threads" and value is None)):
+            if not (is_whole(value) or (name == "threads" and value is None)):
                 raise UserError(f"profile options: {name} must be a whole number, got {value!r}")
         for name in ("cpus", "shape"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (list, tuple)) and all(whole(v) for v in value)):
+            if value is not None and not (isinstance(value, (list, tuple)) and all(is_whole(v) for v in value)):
                 raise UserError(f"profile options: {name} must be a list of whole numbers, got {value!r}")
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) \
                 or not math.isfinite(self.timeout_s):
