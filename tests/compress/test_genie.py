@@ -279,3 +279,46 @@ def test_learned_weight_steps_stay_positive_on_a_collapsing_target(resnet20, cal
     reconstruct_unit(block, gm, x_fp, x_q, y, cfg)
     for q, s0 in zip(block.weight_quantizers(gm), init):
         assert bool((q.scale.detach() >= s0 * STEP_FLOOR * (1 - 1e-6)).all()), (q.scale.min(), s0.min())
+
+
+# --- reconstruction units: BRECQ-style blocks found on the graph ----------------------------------------------------
+def _units(model: nn.Module) -> list[list[str]]:
+    cfg = GenieConfig(bits="w4a4", preset="smoke").resolved()
+    gm = build_structure(copy.deepcopy(model).eval(), cfg.structure())
+    to_genie_quantizers(gm, cfg.qdrop)
+    return [u.layers for u in find_units(gm)]
+
+
+def test_units_are_the_stem_each_residual_block_and_the_head(resnet20):
+    units = _units(resnet20.model)
+    blocks = [[f"layer{s}.{b}.conv1", f"layer{s}.{b}.conv2"] for s in (1, 2, 3) for b in range(3)]
+    assert units == [["conv1"], *blocks, ["linear"]]
+
+
+def test_units_of_mobilenet_v2_are_its_inverted_residuals():
+    from compress.zoo import mobilenetv2_cifar
+
+    model = mobilenetv2_cifar.mobilenet_v2()
+    units = _units(model)
+    blocks = [n for n, m in model.named_modules() if isinstance(m, mobilenetv2_cifar.InvertedResidual)]
+    assert len(units) == 1 + len(blocks) + 2  # stem, 17 blocks, last 1x1 conv, classifier
+    assert units[0] == ["features.0.0"] and units[-2:] == [["features.18.0"], ["classifier"]]
+    for block, unit in zip(blocks, units[1:-2]):  # expand (if t > 1), depthwise, project: one unit per block
+        convs = [n for n, m in model.named_modules() if n.startswith(block + ".") and isinstance(m, nn.Conv2d)]
+        assert unit == convs and len(convs) in (2, 3)
+
+
+class _Skip(nn.Module):  # a residual block of no known name
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return x + self.b(torch.relu(self.bn(self.a(x))))
+
+
+def test_an_unnamed_residual_is_one_unit_and_a_plain_chain_is_not():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _Skip(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 32 * 32, 10))
+    assert _units(model) == [["0"], ["2.a", "2.b"], ["3"], ["5"], ["7"]]
