@@ -625,9 +625,9 @@ def main() -> None:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except OSError as e:
-        import errno
+        from compress.fileio import is_disk_full
 
-        if os.environ.get("COMPRESS_DEBUG") or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if os.environ.get("COMPRESS_DEBUG") or not is_disk_full(e):
             _internal_error(e)
         click.echo(f"error: no space left on the device{f' writing {e.filename}' if e.filename else ''}: "
                    f"free some, or write elsewhere with -o", err=True)

@@ -12,7 +12,10 @@ from typing import Iterator
 
 from compress.errors import UserError
 
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # errnos of a full disk or an exhausted quota
+
+def is_disk_full(e: BaseException) -> bool:
+    """A full disk or an exhausted quota, as Python's writers (and disk_full_as_oserror below) report it."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def cache_dir() -> Path:
@@ -96,7 +99,7 @@ def disk_full_as_oserror(final: Path) -> Iterator[None]:
     except UserError:
         raise
     except OSError as e:  # a full disk is named by the artifact's path, not the temporary file's (or none)
-        if e.errno in DISK_FULL and e.filename != str(final):
+        if is_disk_full(e) and e.filename != str(final):
             raise OSError(e.errno, e.strerror, str(final)) from e
         raise
     except Exception as e:  # noqa: BLE001 - re-raised unless the disk is full

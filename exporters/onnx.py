@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from compress.errors import UserError, first_line
 from compress.exportable import exportable
-from compress.fileio import DISK_FULL, atomic_path
+from compress.fileio import atomic_path, is_disk_full
 from compress.io import InputSpec
 from exporters.base import Artifact, check_parity, parity_inputs
 
@@ -157,7 +157,7 @@ def _torch_to_onnx(model: nn.Module, spec: InputSpec, path: Path, opset: int) ->
                               input_names=[spec.name], output_names=[OUTPUT_NAME],
                               dynamic_axes=dynamic)
     except Exception as e:  # noqa: BLE001 - exporter failures come in many types; report the first line
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
+        if is_disk_full(e):
             raise  # the CLI's own one-line answer to a full disk
         raise UserError(f"ONNX export failed: {type(e).__name__}: {first_line(e, 200)}") from None
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from compress import __version__
 from compress.errors import UserError
-from compress.fileio import DISK_FULL, disk_full_as_oserror, ensure_writable_dir, sha256_file
+from compress.fileio import disk_full_as_oserror, ensure_writable_dir, is_disk_full, sha256_file
 from compress.io import InputSpec
 from exporters.base import Artifact, check_parity, parity_inputs
 from exporters.onnx import export_onnx
@@ -105,7 +105,7 @@ def _convert(convert, style, onnx_path: Path, out_dir: Path, artifact: Path) -> 
         with contextlib.redirect_stdout(io.StringIO()), disk_full_as_oserror(artifact):
             convert(onnx_path, output_dir=out_dir, optimization_styles=[style], target_platform=TARGET_PLATFORM)
     except Exception as e:  # noqa: BLE001 - the converter raises whatever the ORT session raised
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
+        if is_disk_full(e):
             raise  # the CLI's own one-line answer to a full disk
         line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise UserError(f"ORT-format conversion failed: {line[:200]}") from None
