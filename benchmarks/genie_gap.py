@@ -102,16 +102,25 @@ def test_sets() -> dict:
             "jpeg10000": load_dataset(f"cifar10:{data_path('cifar10_test_jpeg.npz')}")}
 
 
+def genie_m(lm, images: torch.Tensor, seed: int, recon_iters: int, device: str) -> torch.nn.Module:
+    cfg = GenieConfig(bits="w2a4", preset="fast", recon_iters=recon_iters, torch_device=device)
+    return genie_quantize(lm.model, images, cfg, seed=seed, spec=lm.spec)[0]
+
+
+def scores(gm: torch.nn.Module, lm, tests: dict) -> dict[str, float]:
+    """Top-1 on each test set."""
+    norm = Normalizer(lm.spec.mean, lm.spec.std)
+    return {k: round(evaluate(gm, d, norm), 2) for k, d in tests.items()}
+
+
 def genie_m_run(arch: str, images: torch.Tensor, seed: int, recon_iters: int, device: str, workers: int) -> dict:
     """One W2A4 Genie-M run in a worker process: its top-1 on both test sets and its wall time."""
     worker_threads(workers)
     lm = zoo_model(arch)
-    norm = Normalizer(lm.spec.mean, lm.spec.std)
     t = time.perf_counter()
-    cfg = GenieConfig(bits="w2a4", preset="fast", recon_iters=recon_iters, torch_device=device)
-    gm, _ = genie_quantize(lm.model, images, cfg, seed=seed, spec=lm.spec)
+    gm = genie_m(lm, images, seed, recon_iters, device)
     seconds = round(time.perf_counter() - t)
-    return {**{k: round(evaluate(gm, d, norm), 2) for k, d in test_sets().items()}, "seconds": seconds}
+    return {**scores(gm, lm, test_sets()), "seconds": seconds}
 
 
 def main() -> None:
@@ -162,9 +171,6 @@ def main() -> None:
     for name, st in meta["calibration_stats"].items():
         print(f"{name:12s} {st}", flush=True)
 
-    def accuracy(gm) -> dict[str, float]:
-        return {k: round(evaluate(gm, d, norm), 2) for k, d in tests.items()}
-
     runs: dict[str, list[dict]] = {}
     if pool:
         jobs = [(name, seed, pool.submit(genie_m_run, args.arch, calib[name], seed, args.recon_iters,
@@ -174,23 +180,22 @@ def main() -> None:
             print(f"{name:12s} seed {seed}: {result}", flush=True)
             runs.setdefault(name, []).append(result)
         pool.shutdown()
-        seeds = []
-    for seed in seeds:
-        models = {}
-        for name in sources:
-            t = time.perf_counter()
-            cfg = GenieConfig(bits="w2a4", preset="fast", recon_iters=args.recon_iters, torch_device=args.torch_device)
-            models[name], _ = genie_quantize(lm.model, calib[name], cfg, seed=seed, spec=lm.spec)
-            runs.setdefault(name, []).append(accuracy(models[name]))
-            print(f"{name:12s} seed {seed}: {runs[name][-1]} {time.perf_counter() - t:.0f}s", flush=True)
-        if args.swap:
-            g, r = models["genie"], models["real-clean"]
-            k = len(act_quantizers(g))
-            for label, model in (("genie, last grid from real-clean", with_grids_of(g, r, [k - 1])),
-                                 ("genie, all grids from real-clean", with_grids_of(g, r, range(k))),
-                                 ("real-clean, all grids from genie", with_grids_of(r, g, range(k)))):
-                runs.setdefault(label, []).append(accuracy(model))
-                print(f"{label}, seed {seed}: {runs[label][-1]}", flush=True)
+    else:
+        for seed in seeds:
+            models = {}
+            for name in sources:
+                t = time.perf_counter()
+                models[name] = genie_m(lm, calib[name], seed, args.recon_iters, args.torch_device)
+                runs.setdefault(name, []).append(scores(models[name], lm, tests))
+                print(f"{name:12s} seed {seed}: {runs[name][-1]} {time.perf_counter() - t:.0f}s", flush=True)
+            if args.swap:
+                g, r = models["genie"], models["real-clean"]
+                k = len(act_quantizers(g))
+                for label, model in (("genie, last grid from real-clean", with_grids_of(g, r, [k - 1])),
+                                     ("genie, all grids from real-clean", with_grids_of(g, r, range(k))),
+                                     ("real-clean, all grids from genie", with_grids_of(r, g, range(k)))):
+                    runs.setdefault(label, []).append(scores(model, lm, tests))
+                    print(f"{label}, seed {seed}: {runs[label][-1]}", flush=True)
     means = {name: {k: round(float(np.mean([r[k] for r in rs])), 2) for k in tests} for name, rs in runs.items()}
     for name, m in means.items():
         print(f"mean {name:34s} {m}")
